@@ -1,0 +1,589 @@
+"""lora.py against its contract (issue 2). Each test name states the property; CPU, seconds."""
+
+import copy
+import math
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+from lora import LoRALinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlp(seed=0, dtype=torch.float32):
+    """The experiment's architecture: 784 -> 64 -> 64 -> 5, 54,725 parameters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).to(dtype)
+
+
+def trained_layer(r=4, alpha=None, dtype=torch.float32, seed=0, **kw):
+    """A LoRALinear whose B is no longer zero, as after some training."""
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(32, 24).to(dtype), r=r, alpha=alpha, **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    return layer
+
+
+def closed_form(layer, x):
+    """base(x) + scaling · x Aᵀ Bᵀ, written independently of LoRALinear.forward, in float64."""
+    W, b, A, B = (t.double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B))
+    x = x.double()
+    return x @ W.T + b + layer.scaling * (x @ A.T @ B.T)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --- construction -----------------------------------------------------------------------------------------
+
+def test_wraps_the_base_tensors_without_copying_and_freezes_them():
+    base = nn.Linear(10, 6)
+    layer = LoRALinear(base, r=2)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (2, 10) and layer.lora_B.shape == (6, 2)
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert (layer.in_features, layer.out_features) == (10, 6)
+
+
+def test_adapter_takes_the_base_dtype():
+    layer = LoRALinear(nn.Linear(10, 6, dtype=torch.bfloat16), r=2)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+
+
+def test_identity_at_init_is_exact():
+    base = nn.Linear(20, 7)
+    x = torch.randn(5, 3, 20)
+    expected = base(x)
+    layer = LoRALinear(base, r=4, alpha=16, dropout=0.3)
+    layer.train()
+    assert torch.equal(layer.lora_B, torch.zeros(7, 4))
+    assert torch.equal(layer(x), expected)
+
+
+def test_base_without_bias():
+    base = nn.Linear(12, 5, bias=False)
+    layer = LoRALinear(base, r=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12)
+    expected = x @ layer.weight.T + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected)
+    assert set(layer.state_dict()) == {"weight", "lora_A", "lora_B"}
+
+
+def test_forward_equals_closed_form():
+    layer = trained_layer(r=4, alpha=8)
+    x = torch.randn(3, 5, 32)  # any leading dims
+    out = layer(x)
+    assert out.shape == (3, 5, 24)
+    assert rel_err(out, closed_form(layer, x)) < 1e-6
+
+
+def test_scaling_is_alpha_over_r_and_alpha_defaults_to_r():
+    assert LoRALinear(nn.Linear(8, 8), r=4).scaling == 1.0
+    assert LoRALinear(nn.Linear(8, 8), r=4, alpha=16).scaling == 4.0
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    layer = LoRALinear(nn.Linear(64, 64), r=16, alpha=8, use_rslora=True)
+    assert layer.scaling == pytest.approx(8 / math.sqrt(16))
+    assert LoRALinear(nn.Linear(64, 64), r=16, use_rslora=True).scaling == pytest.approx(4.0)  # alpha = r
+
+
+def test_kaiming_init_is_uniform_with_bound_one_over_sqrt_fan_in():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(1024, 1024), r=64)
+    bound = 1 / math.sqrt(1024)  # depends on in_features, not on r
+    A = layer.lora_A
+    assert A.abs().max() <= bound
+    assert A.abs().max() > 0.99 * bound
+    assert A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)  # std of U(-b, b)
+
+
+def test_gaussian_init_has_std_one_over_r():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(1024, 1024), r=8, init="gaussian")
+    assert layer.lora_A.mean().item() == pytest.approx(0, abs=5 / 8 / math.sqrt(8 * 1024))  # 5 standard errors
+    assert layer.lora_A.std().item() == pytest.approx(1 / 8, rel=0.01)
+    assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+def test_only_lora_gets_gradients_and_a_step_leaves_the_base_bit_identical():
+    model = mlp()
+    lora.add_lora(model, r=4)
+    lora.mark_only_lora_as_trainable(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(16, 784), torch.randint(0, 5, (16,))
+    for _ in range(2):  # after one step B != 0, so the second step also moves A
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for name, p in model.named_parameters():
+            is_lora = name.endswith(("lora_A", "lora_B"))
+            assert (p.grad is not None) == is_lora, name
+        opt.step()
+    for k, v in model.state_dict().items():
+        if k.endswith(("lora_A", "lora_B")):
+            assert not torch.equal(v, before[k]), f"{k} did not train"
+        else:
+            assert torch.equal(v, before[k]), f"{k} changed"
+
+
+def test_trainable_count_is_r_times_in_plus_out_per_layer():
+    for r in (1, 2, 8, 64):
+        model = mlp()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # r = 64 > 5 on the head; tested below
+            lora.add_lora(model, r=r)
+        lora.mark_only_lora_as_trainable(model)
+        assert lora.count_parameters(model) == (r * ((784 + 64) + (64 + 64) + (64 + 5)), 54_725 + 1_045 * r)
+
+
+def test_count_parameters_counts_shared_parameters_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, shared)
+    assert lora.count_parameters(model) == (20, 20)
+
+
+def test_dropout_acts_only_in_training_mode():
+    layer = trained_layer(dropout=0.5)
+    x = torch.randn(64, 32)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    assert rel_err(layer(x), closed_form(layer, x)) < 1e-6
+    layer.train()
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, layer(x))
+
+
+def test_no_dropout_copy_of_x_when_p_is_zero(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: calls.append(1) or a[0])
+    layer = trained_layer(dropout=0.0).train()
+    layer(torch.randn(2, 32))
+    assert calls == []
+
+
+def test_gradcheck_of_the_lora_branch_in_float64():
+    layer = trained_layer(r=3, alpha=6).double()
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+
+    def f(x, A, B):
+        return torch.func.functional_call(layer, {"lora_A": A, "lora_B": B}, (x,))
+
+    A = layer.lora_A.detach().clone().requires_grad_()
+    B = layer.lora_B.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, A, B))
+
+
+# --- merge -----------------------------------------------------------------------------------------------
+
+def test_merged_output_matches_unmerged_in_float32():
+    layer = trained_layer(r=8, alpha=16)
+    x = torch.randn(16, 32)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert rel_err(layer(x), unmerged) < 1e-5
+
+
+def test_merged_output_matches_unmerged_in_bfloat16():
+    layer = trained_layer(r=8, alpha=16, dtype=torch.bfloat16)
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    unmerged = layer(x)
+    exact = closed_form(layer, x)
+    assert rel_err(unmerged, exact) < 2e-2  # a few bf16 roundings (eps = 2^-8)
+    layer.merge()
+    assert layer.weight.dtype == torch.bfloat16
+    assert rel_err(layer(x), unmerged) < 2e-2
+    assert rel_err(layer(x), exact) < 2e-2
+
+
+def test_delta_weight_is_scaling_times_B_A():
+    layer = trained_layer(r=4, alpha=2)
+    torch.testing.assert_close(layer.delta_weight(), 0.5 * layer.lora_B @ layer.lora_A)
+    assert layer.delta_weight().shape == (24, 32)
+
+
+def test_merge_twice_is_merge_once_and_unmerge_restores_the_weight():
+    layer = trained_layer()
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    once = layer.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.weight, once)
+    assert not torch.equal(once, w0)
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.equal(layer.weight, w0)
+    layer.unmerge()  # no-op
+    assert torch.equal(layer.weight, w0)
+
+
+def test_merge_refuses_nan_or_inf_and_leaves_the_weight_untouched():
+    for bad in (float("nan"), float("inf")):
+        layer = trained_layer()
+        w0 = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.lora_B[0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            layer.merge()
+        assert torch.equal(layer.weight, w0) and not layer.merged
+
+
+def test_merge_overflowing_float16_is_refused():
+    layer = trained_layer(dtype=torch.float16)
+    with torch.no_grad():
+        layer.lora_B.fill_(300.0)
+        layer.lora_A.fill_(300.0)  # B A = 4 * 9e4 > float16 max 65504
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or Inf into the torch.float16 weight"):
+        layer.merge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_merge_lora_leaves_plain_linears_with_the_same_outputs():
+    model = mlp().eval()
+    lora.add_lora(model, r=4, alpha=8)
+    for _, layer in lora.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(8, 784)
+    expected = model(x)
+    assert lora.merge_lora(model) is model
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert set(model.state_dict()) == set(mlp().state_dict())
+    assert rel_err(model(x), expected) < 1e-5
+
+
+def test_merge_lora_with_one_diverged_layer_changes_nothing():
+    model = mlp()
+    lora.add_lora(model, r=2)
+    with torch.no_grad():
+        model[4].lora_B.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'4'"):
+        lora.merge_lora(model)
+    assert all(isinstance(model[i], LoRALinear) for i in (0, 2, 4))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_disable_lora_gives_exactly_the_base_output_merged_or_not():
+    base = mlp().eval()
+    x = torch.randn(8, 784)
+    expected = base(x)
+    model = copy.deepcopy(base)
+    lora.add_lora(model, r=4)
+    for _, layer in lora.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.1)
+    adapted = model(x)
+    assert not torch.equal(adapted, expected)
+    for merge in (False, True):
+        if merge:
+            model[0].merge()  # a mix: one layer merged, two not
+        with lora.disable_lora(model):
+            assert torch.equal(model(x), expected)
+        assert model[0].merged == merge and model[2].enabled
+        assert rel_err(model(x), adapted) < 1e-5
+
+
+def test_disable_lora_restores_state_after_an_exception():
+    model = mlp()
+    lora.add_lora(model, r=2)
+    model[2].merge()
+    with pytest.raises(RuntimeError):
+        with lora.disable_lora(model):
+            raise RuntimeError("boom")
+    assert model[2].merged and all(layer.enabled for _, layer in lora.lora_layers(model))
+
+
+# --- state dicts -----------------------------------------------------------------------------------------
+
+def test_state_dict_keeps_base_key_names_and_adds_lora_keys():
+    model = mlp()
+    keys = list(model.state_dict())
+    lora.add_lora(model, r=2, targets=["0", "4"])
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "0.lora_A", "0.lora_B", "2.weight", "2.bias",
+                                        "4.weight", "4.bias", "4.lora_A", "4.lora_B"]
+    assert set(keys) <= set(model.state_dict())
+
+
+def test_a_base_checkpoint_saved_before_wrapping_loads_after(tmp_path):
+    pretrained = mlp(seed=1)
+    torch.save(pretrained.state_dict(), tmp_path / "base.pt")
+    model = mlp(seed=2)
+    lora.add_lora(model, r=4)
+    result = model.load_state_dict(torch.load(tmp_path / "base.pt"), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(k for k in model.state_dict() if "lora_" in k)
+    x = torch.randn(4, 784)
+    assert torch.equal(model.eval()(x), pretrained.eval()(x))  # B = 0: the pretrained model exactly
+
+
+def test_adapter_round_trip_into_a_freshly_wrapped_model_reproduces_outputs(tmp_path):
+    model = mlp()
+    lora.add_lora(model, r=4)
+    for _, layer in lora.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    sd = lora.lora_state_dict(model)
+    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B")}
+    torch.save(sd, tmp_path / "adapter.pt")
+    fresh = mlp()  # same base weights (same seed), new random adapter
+    lora.add_lora(fresh, r=4)
+    lora.load_lora_state_dict(fresh, torch.load(tmp_path / "adapter.pt"))
+    x = torch.randn(4, 784)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_lora_state_dict_refuses_bad_input_and_changes_nothing():
+    model = mlp()
+    lora.add_lora(model, r=4)
+    good = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    missing = dict(good)
+    del missing["2.lora_B"]
+    with pytest.raises(KeyError, match="2.lora_B"):
+        lora.load_lora_state_dict(model, missing)
+    with pytest.raises(KeyError, match="9.lora_A"):
+        lora.load_lora_state_dict(model, {**good, "9.lora_A": torch.zeros(4, 4)})
+    wrong = {**good, "0.lora_A": torch.zeros(8, 784)}
+    with pytest.raises(ValueError, match=r"0\.lora_A.*\(8, 784\).*\(4, 784\)"):
+        lora.load_lora_state_dict(model, wrong)
+    model[0].merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        lora.load_lora_state_dict(model, good)
+    model[0].unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- add_lora and mark_only_lora_as_trainable --------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 2)
+
+
+def test_add_lora_targets_by_exact_name_last_component_and_glob():
+    assert lora.add_lora(Tiny(), r=2) == ["layers.0.query", "layers.0.key", "layers.0.value",
+                                          "layers.1.query", "layers.1.key", "layers.1.value", "head"]
+    assert lora.add_lora(Tiny(), r=2, targets=["value", "query"]) == [
+        "layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value"]  # module order
+    assert lora.add_lora(Tiny(), r=2, targets="layers.1.key") == ["layers.1.key"]
+    assert lora.add_lora(Tiny(), r=2, targets="layers.*.k*") == ["layers.0.key", "layers.1.key"]
+    model = Tiny()
+    lora.add_lora(model, r=2, targets=["query", "layers.0.query"])  # overlapping targets wrap once
+    assert isinstance(model.layers[0].query, LoRALinear) and isinstance(model.layers[0].query.weight, nn.Parameter)
+
+
+def unchanged(model_fn, call, exc, match):
+    """call(model) raises exc and leaves the model's modules and state exactly as they were."""
+    model = model_fn()
+    modules = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        call(model)
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), "r must be a positive int, got 0"),
+    (dict(r=-1), "got -1"),
+    (dict(r=1.5), "got 1.5"),
+    (dict(r=True), "got True"),
+    (dict(r="8"), "got '8'"),
+    (dict(r=2, alpha=0), "alpha must be a positive finite number"),
+    (dict(r=2, alpha=-1.0), "got -1.0"),
+    (dict(r=2, alpha=float("nan")), "got nan"),
+    (dict(r=2, alpha=float("inf")), "got inf"),
+    (dict(r=2, dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(r=2, dropout=-0.1), "got -0.1"),
+    (dict(r=2, init="xavier"), r"init must be one of \('kaiming', 'gaussian'\), got 'xavier'"),
+    (dict(r=2, use_rslora="yes"), "use_rslora"),
+])
+def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nn.Linear(4, 4), **kwargs)
+    unchanged(Tiny, lambda m: lora.add_lora(m, **kwargs), ValueError, match)
+
+
+def test_base_that_is_not_linear_raises_type_error():
+    with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
+        LoRALinear(nn.Conv1d(4, 4, 1), r=2)
+
+
+def test_a_target_that_matches_nothing_lists_the_linear_layers():
+    unchanged(Tiny, lambda m: lora.add_lora(m, r=2, targets=["query", "qkv"]), ValueError,
+              r"'qkv' matches no module.*'layers.0.query'.*'head'")
+
+
+def test_a_target_that_is_not_linear_raises_type_error():
+    unchanged(Tiny, lambda m: lora.add_lora(m, r=2, targets=["query", "norm"]), TypeError,
+              r"'layers.0.norm'.*must be an nn.Linear, got LayerNorm")
+
+
+def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
+    def wrapped():
+        model = Tiny()
+        lora.add_lora(model, r=2, targets="query")
+        return model
+    for targets in (None, "query", ["layers.0.query"]):
+        unchanged(wrapped, lambda m: lora.add_lora(m, r=2, targets=targets), ValueError, "already carries LoRA")
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        LoRALinear(wrapped().layers[0].query, r=2)
+
+
+def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored():
+    unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2), TypeError,
+              "MultiheadAttention")
+
+
+def test_r_above_min_dimension_is_allowed_with_one_warning():
+    model = mlp()
+    with pytest.warns(UserWarning) as record:
+        lora.add_lora(model, r=64)
+    assert len(record) == 1  # only the 64 -> 5 head
+    assert "rank at most 5" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.add_lora(mlp(), r=5)  # r = min(in, out) is fine
+
+
+@pytest.mark.parametrize("bias, trainable", [
+    ("none", {"layers.0.query.lora_A", "layers.0.query.lora_B"}),
+    ("lora_only", {"layers.0.query.lora_A", "layers.0.query.lora_B", "layers.0.query.bias"}),
+    ("all", {"layers.0.query.lora_A", "layers.0.query.lora_B"} |
+     {f"layers.{i}.{n}.bias" for i in (0, 1) for n in ("query", "key", "value", "norm")} | {"head.bias"}),
+])
+def test_mark_only_lora_as_trainable_bias_modes(bias, trainable):
+    model = Tiny()
+    lora.add_lora(model, r=2, targets="layers.0.query")
+    lora.mark_only_lora_as_trainable(model, bias=bias)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_mark_only_lora_as_trainable_refuses_an_unknown_bias_mode():
+    model = Tiny()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), got 'some'"):
+        lora.mark_only_lora_as_trainable(model, bias="some")
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+# --- works with the rest of PyTorch ----------------------------------------------------------------------
+
+def test_deepcopy_and_pickle_round_trip():
+    layer = trained_layer()
+    x = torch.randn(3, 32)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(clone(x), layer(x))
+        assert clone.weight is not layer.weight
+    layer.merge()
+    clone = copy.deepcopy(layer)
+    clone.unmerge()
+    layer.unmerge()
+    assert torch.equal(clone.weight, layer.weight)
+
+
+def test_functional_call_swaps_the_adapter():
+    layer = trained_layer()
+    x = torch.randn(3, 32)
+    zero_B = torch.zeros_like(layer.lora_B)
+    out = torch.func.functional_call(layer, {"lora_B": zero_B}, (x,))
+    assert torch.equal(out, nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_vmap_over_stacked_adapters_matches_a_loop():
+    layer = trained_layer()
+    A = torch.randn(3, *layer.lora_A.shape)
+    B = torch.randn(3, *layer.lora_B.shape)
+    x = torch.randn(3, 5, 32)
+    f = lambda A, B, x: torch.func.functional_call(layer, {"lora_A": A, "lora_B": B}, (x,))
+    stacked = torch.vmap(f)(A, B, x)
+    for i in range(3):
+        torch.testing.assert_close(stacked[i], f(A[i], B[i], x[i]))
+
+
+def test_torch_compile_full_graph_matches_eager():
+    torch._dynamo.reset()
+    layer = trained_layer()
+    x = torch.randn(4, 32)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.weight.grad is None
+
+
+def test_lora_py_alone_in_an_empty_folder_imports_and_trains(tmp_path):
+    shutil.copy(ROOT / "lora.py", tmp_path / "lora.py")
+    script = textwrap.dedent("""
+        import sys, torch, torch.nn as nn, lora
+        assert lora.__file__.startswith(sys.argv[1]), lora.__file__
+        model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+        lora.add_lora(model, r=2)
+        lora.mark_only_lora_as_trainable(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loss = model(torch.randn(4, 10)).sum()
+        loss.backward()
+        opt.step()
+        print("trained", lora.count_parameters(model))
+    """)
+    (tmp_path / "use_lora.py").write_text(script)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "use_lora.py", str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "trained (64, 196)" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_forward_backward_and_merge():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.1)
+    assert layer.lora_A.device.type == "cuda" and layer.lora_A.dtype == torch.bfloat16
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x).float().pow(2).mean().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0 and layer.weight.grad is None
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    layer.eval()
+    unmerged = layer(x)
+    assert rel_err(unmerged, closed_form(layer, x)) < 2e-2
+    layer.merge()
+    merged = layer(x)
+    print(f"\ncuda bf16 on {torch.cuda.get_device_name()}: merged vs unmerged rel err {rel_err(merged, unmerged):.2e}")
+    assert rel_err(merged, unmerged) < 2e-2
+    compiled = torch.compile(LoRALinear(nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16), r=8))
+    assert compiled(x).shape == (64, 128)
