@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 
 run: data
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
+	$(PY) experiment.py readme
 
 test: data
 	$(PY) -m pytest
