@@ -163,7 +163,7 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
     n, S = len(y), len(seeds)
     steps_per_epoch = n // batch_size  # the last partial batch is dropped
     trainable = [p for p in params.values() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=lr)
+    opt = torch.optim.Adam(trainable, lr=lr, fused=True)  # one kernel for all tensors instead of ~10 each
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model.train()
@@ -173,7 +173,8 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
         total = torch.zeros((), device=y.device)
         for i in range(steps_per_epoch):
             idx = order[:, i * batch_size:(i + 1) * batch_size]  # (S, B)
-            logits = forward(model, params, x[idx])  # (S, B, 784) -> (S, B, 5)
+            xb = x.index_select(0, idx.flatten()).view(S, batch_size, -1)  # (S, B, 784); 2x faster than x[idx]
+            logits = forward(model, params, xb)  # (S, B, 784) -> (S, B, 5)
             # mean over each seed's batch, summed over seeds: each seed gets exactly its own gradient
             loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten()) * S
             opt.zero_grad(set_to_none=True)

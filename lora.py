@@ -115,15 +115,19 @@ class LoRALinear(nn.Module):
         return self.weight_before_merge is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
         if self.merged or not self.enabled:
-            return h
+            return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out), one matmul
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
         if self.dropout > 0:
-            x = F.dropout(x, self.dropout, self.training)  # p = 0 makes no copy of x
-        u = F.linear(x, self.lora_A)  # (..., in) -> (..., r)
-        # h + scaling · u Bᵀ as one GEMM whose epilogue does the add and the scale (no extra pass over h)
-        return torch.addmm(h.reshape(-1, h.shape[-1]), u.reshape(-1, self.r), self.lora_B.t(),
-                           alpha=self.scaling).view(h.shape)  # (N, out) + (N, r) @ (r, out)
+            x2_drop = F.dropout(x2, self.dropout, self.training)
+        else:
+            x2_drop = x2  # p = 0: no copy of x
+        # In place below is safe: linear's backward needs its inputs, never its output.
+        u = F.linear(x2_drop, self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r), scaled while small
+        v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + bias -> (N, out)
+        # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
+        # (Out of place: addmm_ would save a copy of v on the GPU, but vmap has no fast rule for it.)
+        return torch.addmm(v, x2, self.weight.t()).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, the (out, in) update that merge() adds to W, in W's dtype."""

@@ -525,6 +525,7 @@ def test_functional_call_swaps_the_adapter():
 
 
 def test_vmap_over_stacked_adapters_matches_a_loop():
+    warnings.simplefilter("error")  # e.g. vmap's "performance drop" warning for an op without a batching rule
     layer = trained_layer()
     A = torch.randn(3, *layer.lora_A.shape)
     B = torch.randn(3, *layer.lora_B.shape)
