@@ -1,0 +1,139 @@
+"""Question 4: LoRALinear at the shapes people copy it into, on a GPU: d_in = d_out = 4096, 16k tokens, bf16.
+
+    python bench/lora_layer.py            # needs CUDA and, for the comparison, peft (a benchmark-only dependency)
+
+Training step (forward + backward, input requiring grad as inside a network) for (a) a frozen nn.Linear,
+(b) our unmerged LoRALinear, (c) PEFT's LoRA Linear with the same r, alpha, dropout and bf16 adapter weights;
+peak memory above what the step starts with; and inference of our merged layer against nn.Linear.
+Medians of CUDA-event timings over many repeats, the same input tensors for every layer.
+"""
+
+import argparse
+import copy
+
+import torch
+import torch.nn as nn
+
+from common import record, table
+
+import lora
+
+D, TOKENS = 4096, 16 * 1024
+
+
+def cuda_ms(fn, repeats: int, warmup: int = 10) -> float:
+    """Median milliseconds of fn() over `repeats` runs, each between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def train_step(layer, x, gy):
+    def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(gy)
+    return step
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated during fn() above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+class Holder(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+
+def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
+    import peft
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
+    # autocast_adapter_dtype=False keeps PEFT's adapter in bf16 like ours (its default upcasts it to float32)
+    model = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.01)
+    return layer.train()
+
+
+def ours(base: nn.Linear, r: int, alpha: float, dropout: float) -> lora.LoRALinear:
+    layer = lora.LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    return layer.train()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--profile", action="store_true", help="also print the CUDA kernels of one step at r=16")
+    args = p.parse_args()
+    import peft
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    base = nn.Linear(D, D, device=dev, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(TOKENS, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(TOKENS, D, device=dev, dtype=torch.bfloat16)
+    frozen_ms = cuda_ms(train_step(base, x, gy), args.repeats)
+    frozen_mem = peak_mib(train_step(base, x, gy))
+    rows = []
+    for r in args.ranks:
+        for dropout in (0.0, 0.1):
+            layers = {"ours": ours(base, r, 2 * r, dropout), "peft": peft_layer(base, r, 2 * r, dropout)}
+            ms = {k: cuda_ms(train_step(m, x, gy), args.repeats) for k, m in layers.items()}
+            mem = {k: peak_mib(train_step(m, x, gy)) for k, m in layers.items()}
+            rows.append([r, dropout, f"{frozen_ms:.3f}", f"{ms['ours']:.3f}", f"{ms['peft']:.3f}",
+                         f"**{ms['ours'] / ms['peft']:.2f}x**", f"{ms['ours'] / frozen_ms:.2f}x",
+                         f"{frozen_mem:.0f}", f"{mem['ours']:.0f}", f"{mem['peft']:.0f}"])
+    body = table(["r", "dropout", "frozen nn.Linear (ms)", "ours (ms)", "PEFT (ms)", "ours / PEFT",
+                  "ours / frozen", "peak MiB frozen", "peak MiB ours", "peak MiB PEFT"], rows)
+
+    infer = []
+    with torch.no_grad():
+        xi = x.detach()
+        linear_ms = cuda_ms(lambda: base(xi), args.repeats)
+        for r in args.ranks:
+            merged = ours(base, r, 2 * r, 0.0).eval()
+            merged.merge()
+            deployed = lora.merge_lora(Holder(ours(base, r, 2 * r, 0.0))).proj
+            m_ms, d_ms = cuda_ms(lambda: merged(xi), args.repeats), cuda_ms(lambda: deployed(xi), args.repeats)
+            infer.append([r, f"{linear_ms:.3f}", f"{m_ms:.3f}", f"**{m_ms / linear_ms:.3f}x**", f"{d_ms:.3f}"])
+    body += ("\n\nInference (no grad), merged:\n\n" +
+             table(["r", "nn.Linear (ms)", "LoRALinear.merge() (ms)", "merged / nn.Linear", "merge_lora (ms)"], infer))
+    body += (f"\n\nd_in = d_out = {D}, {TOKENS} tokens, bf16, alpha = 2r, medians of {args.repeats} CUDA-event "
+             f"timings; peak memory is above the memory held before the step (weights, input, output grad). "
+             f"PEFT {peft.__version__}, adapter weights kept in bf16.")
+    record("4. LoRALinear against PEFT's LoRA Linear and a frozen nn.Linear", body, dev)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for name, layer in (("frozen nn.Linear", base), ("ours r=16", ours(base, 16, 32, 0.0)),
+                            ("PEFT r=16", peft_layer(base, 16, 32, 0.0))):
+            step = train_step(layer, x, gy)
+            step()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            print(f"\n{name}, 10 steps:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
