@@ -1,4 +1,4 @@
-# make run   set up, get MNIST, execute the notebook: regenerates results.csv, the figure and config.json
+# make run   set up, get MNIST, execute both notebooks: regenerates every results file, figure and README table
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +8,9 @@ PY     := $(VENV)/bin/python
 
 run: data
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
 	$(PY) experiment.py readme
+	$(PY) experiment.py readme --model transformer
 
 test: data
 	$(PY) -m pytest

@@ -6,6 +6,7 @@ budget; each method's learning rate is chosen on a validation split; every numbe
     python experiment.py tune                  # learning rates on validation -> lr_search.csv, learning_rates.json
     python experiment.py sweep --seeds 5       # the sweep -> results.csv, results_per_seed.csv, config.json, PNG
     python experiment.py readme                # the table of results.csv -> README.md
+    python experiment.py tune --model transformer   # the same for the transformer of transformer.py
 
 The seeds of one method train together as one stacked model: torch.func.vmap over functional_call, with
 parameters of shape (seeds, ...). Adam is elementwise and the losses of different seeds do not interact, so
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+import transformer
 
 ROOT = Path(__file__).resolve().parent
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics
@@ -55,12 +57,23 @@ class Config:
     split_seed: int = 0                              # the train/validation split, the same for every seed
     dropout: float = 0.1                             # in the MLP, as in the reference architecture
     train_subset: int | None = None                  # keep only the first n training images (quick mode)
+    model: str = "mlp"                               # "mlp" (the reference's) or "transformer" (transformer.py)
+    target_sets: tuple[str, ...] = ("all",)          # where LoRA goes: keys of transformer.TARGET_SETS
 
     @classmethod
-    def quick(cls) -> "Config":
+    def transformer(cls) -> "Config":
+        """The transformer experiment, sized to run in minutes on 2 CPU cores: 12,000 of the training images."""
+        return cls(model="transformer", target_sets=("qv", "qkvo", "all"), ranks=(1, 2, 4, 8), seeds=3,
+                   pretrain_epochs=3, finetune_epochs=2, pretrain_lr=3e-3, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1),
+                   tune_seeds=1, dropout=0.0, train_subset=12_000)
+
+    @classmethod
+    def quick(cls, model: str = "mlp") -> "Config":
         """Minutes become seconds: for tests and a first look. Not for conclusions."""
-        return cls(seeds=2, ranks=(1, 8), pretrain_epochs=1, finetune_epochs=2, lr_grid=(1e-3, 1e-2),
-                   tune_seeds=1, train_subset=6000)
+        base = cls.transformer() if model == "transformer" else cls()
+        ranks = (1, 8) if model == "mlp" else (2,)
+        return dataclasses.replace(base, seeds=2, ranks=ranks, pretrain_epochs=1, finetune_epochs=2,
+                                   lr_grid=(1e-3, 1e-2), tune_seeds=1, train_subset=6000)
 
     def __post_init__(self):
         def positive_int(name, v):
@@ -76,14 +89,38 @@ class Config:
             raise ValueError(f"lr_grid must be positive numbers, got {self.lr_grid!r}")
         if self.train_subset is not None:
             positive_int("train_subset", self.train_subset)
+        if self.model not in ("mlp", "transformer"):
+            raise ValueError(f"model must be 'mlp' or 'transformer', got {self.model!r}")
+        allowed = ("all",) if self.model == "mlp" else tuple(transformer.TARGET_SETS)
+        if not self.target_sets or not set(self.target_sets) <= set(allowed):
+            raise ValueError(f"target_sets for the {self.model} must be some of {allowed}, got {self.target_sets!r}")
 
     @property
     def methods(self) -> list[str]:
-        return ["full"] + [f"lora_r{r}" for r in self.ranks]
+        """"full", then "lora_r{r}" (LoRA on every nn.Linear) or "lora_{target set}_r{r}"."""
+        name = lambda t, r: f"lora_r{r}" if self.target_sets == ("all",) else f"lora_{t}_r{r}"
+        return ["full"] + [name(t, r) for t in self.target_sets for r in self.ranks]
+
+    @property
+    def suffix(self) -> str:
+        """Output files of the transformer experiment end in _transformer; the MLP's have no suffix."""
+        return "" if self.model == "mlp" else "_transformer"
+
+    @property
+    def figure(self) -> str:
+        return "parameters_vs_accuracy.png" if self.model == "mlp" else "transformer_parameters_vs_accuracy.png"
 
 
 def method_rank(method: str) -> int | None:
-    return None if method == "full" else int(method.removeprefix("lora_r"))
+    return None if method == "full" else int(method.rsplit("_r", 1)[1])
+
+
+def method_targets(method: str) -> str | None:
+    """The target set of a LoRA method ("all" when its name has none), None for full finetuning."""
+    if method == "full":
+        return None
+    parts = method.split("_")  # lora_r4 or lora_qv_r4
+    return parts[1] if len(parts) == 3 else "all"
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -121,6 +158,20 @@ def make_mlp(dropout: float = 0.1) -> nn.Sequential:
     return nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(64, 64), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(64, 5))
+
+
+def make_model(cfg: Config) -> nn.Module:
+    return make_mlp(cfg.dropout) if cfg.model == "mlp" else transformer.RowTransformer()
+
+
+def add_adapter(model: nn.Module, method: str) -> None:
+    """LoRA as `method` says (its rank, on its target set; alpha = r: scaling 1, each rank at its own tuned lr),
+    and only what it trains left trainable: the adapters, and the transformer's classifier head in full."""
+    targets = transformer.TARGET_SETS[method_targets(method)] if isinstance(model, transformer.RowTransformer) else None
+    lora.add_lora(model, r=method_rank(method), targets=targets)
+    lora.mark_only_lora_as_trainable(model)
+    if isinstance(model, transformer.RowTransformer):
+        model.head.requires_grad_(True)
 
 
 def set_seed(seed: int) -> None:
@@ -193,10 +244,10 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
     states = []
     for s in seeds:
         set_seed(s)
-        states.append(make_mlp(cfg.dropout).state_dict())
+        states.append(make_model(cfg).state_dict())
     device = tasks["A"]["train"][0].device
     params = {k: v.to(device).requires_grad_() for k, v in stack(states).items()}
-    model = make_mlp(cfg.dropout)
+    model = make_model(cfg)
     set_seed(seeds[0])
     losses = fit(model, params, tasks["A"]["train"], seeds, cfg.pretrain_lr, cfg.pretrain_epochs, cfg.batch_size)
     params = {k: v.detach() for k, v in params.items()}
@@ -208,42 +259,39 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
 def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: str, lr: float) -> dict:
     """Adapt every seed's pretrained model to task B with one method; returns per-seed accuracies."""
     r = method_rank(method)
-    model = make_mlp(cfg.dropout)
-    warnings.filterwarnings("ignore", message=r"r=\d+ exceeds")  # r > 5 on the 64 -> 5 head, as the reference did
-    if r is None:  # full finetuning: every parameter, starting from the pretrained ones
-        params = {k: v.clone().requires_grad_() for k, v in base.items()}
-    else:
-        lora.add_lora(model, r=r)  # alpha = r: scaling 1, so ranks are compared at their own tuned lr
-        lora.mark_only_lora_as_trainable(model)
+    model = make_model(cfg)
+    warnings.filterwarnings("ignore", message=r"r=\d+ exceeds")  # r > 5 on the 5-way head, as the reference did
+    params = {k: v.clone() for k, v in base.items()}  # every method starts from the pretrained weights
+    if r is not None:
+        add_adapter(model, method)
         adapters = []
         for s in seeds:  # A's initialisation depends only on the seed, not on how many seeds run together
             set_seed(s)
-            adapters.append(lora.lora_state_dict(lora_copy(cfg, r)))
-        params = {**{k: v.clone() for k, v in base.items()},
-                  **{k: v.to(base["0.weight"].device).requires_grad_() for k, v in stack(adapters).items()}}
+            with_lora = make_model(cfg)
+            add_adapter(with_lora, method)
+            adapters.append(lora.lora_state_dict(with_lora))
+        device = next(iter(base.values())).device
+        params.update({k: v.to(device) for k, v in stack(adapters).items()})
+    for name, p in model.named_parameters():  # the template model says what trains
+        params[name].requires_grad_(p.requires_grad)
     trainable, total = lora.count_parameters(model)
     set_seed(seeds[0] + 1000 * (1 + (r or 0)))  # dropout stream: fixed per method, independent of run order
     losses = fit(model, params, tasks["B"]["train"], seeds, lr, cfg.finetune_epochs, cfg.batch_size)
     params = {k: v.detach() for k, v in params.items()}
-    out = {"method": method, "rank": r, "lr": lr, "trainable_params": trainable, "total_params": total,
+    out = {"method": method, "rank": r, "targets": method_targets(method), "lr": lr,
+           "trainable_params": trainable, "total_params": total,
            "losses": losses, "val_acc_B": accuracy(model, params, tasks["B"]["val"]),
            "acc_B": accuracy(model, params, tasks["B"]["test"]),
            "acc_A_after": accuracy(model, params, tasks["A"]["test"])}
-    if r is not None:
-        with lora.disable_lora(model):
+    if r is not None and trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n):
+        with lora.disable_lora(model):  # only LoRA was trained, so switching it off must give the base back
             out["acc_A_disabled"] = accuracy(model, params, tasks["A"]["test"])
     return out
 
 
-def lora_copy(cfg: Config, r: int) -> nn.Module:
-    with_lora = make_mlp(cfg.dropout)
-    lora.add_lora(with_lora, r=r)
-    return with_lora
-
-
 def run_key(cfg: Config, device: torch.device) -> str:
     """Names the cache folder: the config, the device type and the code that produced the runs."""
-    code = b"".join((ROOT / f).read_bytes() for f in ("experiment.py", "lora.py"))
+    code = b"".join((ROOT / f).read_bytes() for f in ("experiment.py", "lora.py", "transformer.py"))
     blob = json.dumps([dataclasses.asdict(cfg), device.type, hashlib.sha256(code).hexdigest()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -326,7 +374,8 @@ def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_di
     rows = []
     for r in results:
         for i, s in enumerate(seeds):
-            rows.append({"method": r["method"], "rank": r["rank"], "alpha": r["rank"], "seed": s, "lr": r["lr"],
+            rows.append({"method": r["method"], "rank": r["rank"], "targets": r["targets"], "alpha": r["rank"],
+                         "seed": s, "lr": r["lr"],
                          "trainable_params": r["trainable_params"], "acc_B": r["acc_B"][i],
                          "acc_A_after": r["acc_A_after"][i], "acc_A_disabled": r.get("acc_A_disabled", [None] * len(seeds))[i],
                          "acc_A_pretrained": base["acc_A"][i], "acc_B_pretrained": base["acc_B"][i],
@@ -337,19 +386,26 @@ def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_di
 def summarize(per_seed, cfg: Config):
     """One row per method: mean and std over seeds, and parameters and accuracy relative to full finetuning."""
     g = per_seed.groupby("method", sort=False)
-    out = g.agg(rank=("rank", "first"), alpha=("alpha", "first"), trainable_params=("trainable_params", "first"),
+    out = g.agg(rank=("rank", "first"), targets=("targets", "first"), alpha=("alpha", "first"),
+                trainable_params=("trainable_params", "first"),
                 acc_B_mean=("acc_B", "mean"), acc_B_std=("acc_B", "std"), acc_A_after_mean=("acc_A_after", "mean"),
                 seeds=("seed", "count"), lr=("lr", "first")).reset_index()
     full = out.set_index("method").loc["full"]
-    out.insert(4, "pct_params_vs_full", 100 * out["trainable_params"] / full["trainable_params"])
-    out.insert(7, "pct_acc_vs_full", 100 * out["acc_B_mean"] / full["acc_B_mean"])
+    out["pct_params_vs_full"] = 100 * out["trainable_params"] / full["trainable_params"]
+    out["pct_acc_vs_full"] = 100 * out["acc_B_mean"] / full["acc_B_mean"]
     out["epochs"], out["batch_size"] = cfg.finetune_epochs, cfg.batch_size
-    return out[["method", "rank", "alpha", "trainable_params", "pct_params_vs_full", "acc_B_mean", "acc_B_std",
-                "pct_acc_vs_full", "acc_A_after_mean", "seeds", "epochs", "batch_size", "lr"]]
+    return out[["method", "rank", "targets", "alpha", "trainable_params", "pct_params_vs_full", "acc_B_mean",
+                "acc_B_std", "pct_acc_vs_full", "acc_A_after_mean", "seeds", "epochs", "batch_size", "lr"]]
 
 
-def plot(results, reference: dict = REFERENCE):
-    """Trainable parameters (log x) against test accuracy on task B; returns the matplotlib Figure."""
+TARGET_LABELS = {"all": "every nn.Linear", "qv": "Wq, Wv", "qkvo": "Wq, Wk, Wv, Wo"}  # + the head, for the transformer
+
+
+def plot(results, cfg: Config):
+    """Trainable parameters (log x) against test accuracy on task B, one LoRA line per target set, full
+    finetuning as a band, and for the MLP the reference notebook's table; returns the matplotlib Figure."""
+    reference = REFERENCE if cfg.model == "mlp" else None
+    title = "MLP 784-64-64-5" if cfg.model == "mlp" else "Row transformer (transformer.py)"
     import matplotlib.ticker
     from matplotlib.figure import Figure  # not pyplot: no global figure state, no second copy shown in notebooks
 
@@ -360,23 +416,34 @@ def plot(results, reference: dict = REFERENCE):
     ax.axhspan(lo, hi, color="tab:green", alpha=0.2, lw=0)
     ax.axhline(full["acc_B_mean"], color="tab:green", lw=1.5,
                label=f"full finetuning, {int(full['trainable_params']):,} params (mean ± std)")
-    ranks = results[results["method"] != "full"]
-    ax.errorbar(ranks["trainable_params"], ranks["acc_B_mean"], yerr=ranks["acc_B_std"], fmt="o-",
-                color="tab:blue", capsize=3, label=f"LoRA, this repo ({int(full['seeds'])} seeds, equal budget)")
-    for _, row in ranks.iterrows():
-        ax.annotate(f"r={row['rank']}", (row["trainable_params"], row["acc_B_mean"]), textcoords="offset points",
-                    xytext=(6, -12), fontsize=8, color="tab:blue")
-    ref_r = [r for r in reference if r != "full"]
-    ax.plot([reference[r][0] for r in ref_r], [reference[r][1] for r in ref_r], "s--", color="tab:gray",
-            mfc="none", label="LoRA, reference notebook (1 seed, ~150x more steps)")
-    ax.plot(*reference["full"], "x", color="tab:red", ms=9, mew=2,
-            label="full finetune, reference notebook (trained and tested on 0-4 by a bug)")
+    lora_rows = results[results["method"] != "full"]
+    # Target sets can share a parameter count: each series is nudged sideways (x 0.95, 1, 1.05), its labels too.
+    styles = iter([("tab:blue", 1.0, (6, -12), "left"), ("tab:orange", 0.95, (-6, 6), "right"),
+                   ("tab:purple", 1.05, (6, 6), "left")])
+    for targets, rows in lora_rows.groupby("targets", sort=False):
+        color, nudge, offset, align = next(styles)
+        x = rows["trainable_params"] * nudge
+        ax.errorbar(x, rows["acc_B_mean"], yerr=rows["acc_B_std"], fmt="o-", color=color, capsize=3,
+                    label=f"LoRA on {TARGET_LABELS[targets]} ({int(full['seeds'])} seeds, equal budget)")
+        for xi, (_, row) in zip(x, rows.iterrows()):
+            ax.annotate(f"r={row['rank']}", (xi, row["acc_B_mean"]), textcoords="offset points", xytext=offset,
+                        ha=align, fontsize=8, color=color)
+    if reference is not None:
+        ref_r = [r for r in reference if r != "full"]
+        ax.plot([reference[r][0] for r in ref_r], [reference[r][1] for r in ref_r], "s--", color="tab:gray",
+                mfc="none", label="LoRA, reference notebook (1 seed, ~150x more steps)")
+        ax.plot(*reference["full"], "x", color="tab:red", ms=9, mew=2,
+                label="full finetune, reference notebook (trained and tested on 0-4 by a bug)")
     ax.set_xscale("log")
     ax.margins(x=0.08)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    leading = lambda v: round(v / 10 ** math.floor(math.log10(v)))  # 2 for 2,000, 5 for 500, ...
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:,.0f}" if v > 0 and leading(v) in (2, 5) else ""))  # 2x and 5x ticks only
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy on digits 5-9 (task B)")
-    ax.set_title("MNIST 0-4 → 5-9: LoRA rank sweep against full finetuning")
+    ax.set_title(f"{title}, MNIST 0-4 → 5-9: LoRA against full finetuning")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -402,9 +469,9 @@ def environment(device: torch.device) -> dict:
 
 
 def save_learning_rates(out_dir: Path, cfg: Config, grid, chosen: dict[str, float]) -> None:
-    atomic_write(Path(out_dir) / "lr_search.csv", grid.to_csv(index=False).encode())
+    atomic_write(Path(out_dir) / f"lr_search{cfg.suffix}.csv", grid.to_csv(index=False).encode())
     payload = {"config": tune_fields(cfg), "chosen": chosen}
-    atomic_write(Path(out_dir) / "learning_rates.json", (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write(Path(out_dir) / f"learning_rates{cfg.suffix}.json", (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def tune_fields(cfg: Config) -> dict:
@@ -415,63 +482,73 @@ def tune_fields(cfg: Config) -> dict:
 
 
 def load_learning_rates(out_dir: Path, cfg: Config) -> dict[str, float]:
-    path = Path(out_dir) / "learning_rates.json"
+    path = Path(out_dir) / f"learning_rates{cfg.suffix}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python experiment.py tune` first")
+        raise FileNotFoundError(f"{path} does not exist: run `python experiment.py tune --model {cfg.model}` first")
     saved = json.loads(path.read_text())
     if saved["config"] != tune_fields(cfg):
         diff = {k: (saved["config"].get(k), v) for k, v in tune_fields(cfg).items() if saved["config"].get(k) != v}
         raise ValueError(f"{path} was tuned for another config (field: (saved, now)): {diff}; "
-                         "run `python experiment.py tune` with this config")
+                         f"run `python experiment.py tune --model {cfg.model}` with this config")
     return saved["chosen"]
 
 
 def save_results(out_dir: Path, cfg: Config, per_seed, results, fig, device: torch.device, seconds: float) -> None:
-    out_dir = Path(out_dir)
-    atomic_write(out_dir / "results.csv", results.to_csv(index=False, float_format="%.6g").encode())
-    atomic_write(out_dir / "results_per_seed.csv", per_seed.to_csv(index=False).encode())  # full precision
+    out_dir, sfx = Path(out_dir), cfg.suffix
+    atomic_write(out_dir / f"results{sfx}.csv", results.to_csv(index=False, float_format="%.6g").encode())
+    atomic_write(out_dir / f"results{sfx}_per_seed.csv", per_seed.to_csv(index=False).encode())  # full precision
     config = {"config": dataclasses.asdict(cfg), "environment": environment(device),
               "sweep_seconds": round(seconds, 1)}
-    atomic_write(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(out_dir / f"config{sfx}.json", (json.dumps(config, indent=2) + "\n").encode())
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(out_dir / "parameters_vs_accuracy.png", buf.getvalue())
+    atomic_write(out_dir / cfg.figure, buf.getvalue())
 
 
-README_START = "<!-- results: written by `python experiment.py readme` from results.csv and config.json -->"
-README_END = "<!-- end of results -->"
+def readme_markers(model: str) -> tuple[str, str]:
+    """The comments around each generated block of README.md."""
+    name, sfx = ("results", "") if model == "mlp" else ("transformer results", "_transformer")
+    return (f"<!-- {name}: written by `python experiment.py readme` from results{sfx}.csv and config{sfx}.json -->",
+            f"<!-- end of {name} -->")
+
+
+def load_results(results_dir: Path, cfg: Config):
+    import pandas as pd
+    return pd.read_csv(Path(results_dir) / f"results{cfg.suffix}.csv").astype({"rank": "Int64", "alpha": "Int64"})
 
 
 def markdown_table(results, config: dict) -> str:
-    """The README's results block: the table of results.csv and what produced it."""
+    """A README results block: the table of a results CSV and what produced it."""
     lines = ["| method | trainable params | % of full's params | test accuracy on 5-9 (mean ± std) | "
              "% of full's accuracy | accuracy on 0-4 after | lr |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    c, env = config["config"], config["environment"]
     for _, r in results.iterrows():
-        name = "full finetuning" if r["method"] == "full" else f"LoRA r={r['rank']}"
+        if r["method"] == "full":
+            name = "full finetuning"
+        else:
+            name = f"LoRA r={r['rank']}" if c["model"] == "mlp" else f"LoRA on {TARGET_LABELS[r['targets']]}, r={r['rank']}"
         lines.append(f"| {name} | {r['trainable_params']:,} | {r['pct_params_vs_full']:.1f} | "
                      f"{r['acc_B_mean']:.4f} ± {r['acc_B_std']:.4f} | {r['pct_acc_vs_full']:.1f} | "
                      f"{r['acc_A_after_mean']:.3f} | {r['lr']:g} |")
-    c, env = config["config"], config["environment"]
-    lines += ["", f"{c['seeds']} seeds; every method {c['finetune_epochs']} epochs at batch size {c['batch_size']} "
-              f"with Adam and a cosine schedule, after {c['pretrain_epochs']} epochs of pretraining on 0-4. "
-              f"The sweep took {config['sweep_seconds']:.0f} s on {env['device']} ({env['device_name']}, "
-              f"{env['cpu_threads']} threads), torch {env['torch']}."]
+    images = "all" if c["train_subset"] is None else f"{c['train_subset']:,} of the"
+    lines += ["", f"{c['seeds']} seeds, {images} training images; every method {c['finetune_epochs']} epochs at "
+              f"batch size {c['batch_size']} with Adam and a cosine schedule, after {c['pretrain_epochs']} epochs of "
+              f"pretraining on 0-4. The sweep took {config['sweep_seconds']:.0f} s on {env['device']} "
+              f"({env['device_name']}, {env['cpu_threads']} threads), torch {env['torch']}."]
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, results_dir: Path) -> None:
-    """Replace the block between README_START and README_END with markdown_table(results.csv)."""
-    import pandas as pd
-
-    results = pd.read_csv(results_dir / "results.csv").astype({"rank": "Int64", "alpha": "Int64"})
-    config = json.loads((results_dir / "config.json").read_text())
+def update_readme(readme: Path, results_dir: Path, cfg: Config) -> None:
+    """Replace the block between readme_markers(cfg.model) with markdown_table of that model's results."""
+    start, end = readme_markers(cfg.model)
+    config = json.loads((Path(results_dir) / f"config{cfg.suffix}.json").read_text())
     text = readme.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme} must contain the markers {README_START!r} and {README_END!r} once each")
-    head, rest = text.split(README_START)
-    _, tail = rest.split(README_END)
-    block = f"{README_START}\n{markdown_table(results, config)}\n{README_END}"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} must contain the markers {start!r} and {end!r} once each")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    block = f"{start}\n{markdown_table(load_results(results_dir, cfg), config)}\n{end}"
     atomic_write(readme, (head + block + tail).encode())
 
 
@@ -497,18 +574,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, help=f"seeds to report (default {Config.seeds})")
     p.add_argument("--ranks", type=int, nargs="+", help=f"LoRA ranks (default {' '.join(map(str, Config.ranks))})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--model", choices=["mlp", "transformer"], default="mlp", help="which experiment")
     p.add_argument("--quick", action="store_true", help="the tiny config of the tests")
     p.add_argument("--out", type=Path, default=ROOT, help="where results go (default: the repo)")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
-        base = Config.quick() if args.quick else Config()
+        base = Config.quick(args.model) if args.quick else Config.transformer() if args.model == "transformer" else Config()
         cfg = dataclasses.replace(base, seeds=base.seeds if args.seeds is None else args.seeds,
                                   ranks=base.ranks if args.ranks is None else tuple(args.ranks))
     except ValueError as e:
         p.error(str(e))
     if args.command == "readme":
-        update_readme(ROOT / "README.md", args.out)
+        update_readme(ROOT / "README.md", args.out, cfg)
         return
     if args.command == "tune":
         grid, chosen = tune(cfg, device)
@@ -523,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     per_seed = run_sweep(cfg, lrs, device)
     seconds = time.perf_counter() - start
     results = summarize(per_seed, cfg)
-    save_results(args.out, cfg, per_seed, results, plot(results), device, seconds)
+    save_results(args.out, cfg, per_seed, results, plot(results, cfg), device, seconds)
     print(results.to_string(index=False))
 
 

@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
     lrs = ex.load_learning_rates(out, QUICK)
     per_seed = ex.run_sweep(QUICK, lrs, CPU, cache_dir=out / "runs", progress=False)
     results = ex.summarize(per_seed, QUICK)
-    ex.save_results(out, QUICK, per_seed, results, ex.plot(results), CPU, 1.0)
+    ex.save_results(out, QUICK, per_seed, results, ex.plot(results, QUICK), CPU, 1.0)
     return out, grid, lrs, per_seed, results
 
 
@@ -93,7 +93,7 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob(".*.tmp"))
     saved = pd.read_csv(out / "results.csv")
-    assert list(saved.columns) == ["method", "rank", "alpha", "trainable_params", "pct_params_vs_full", "acc_B_mean",
+    assert list(saved.columns) == ["method", "rank", "targets", "alpha", "trainable_params", "pct_params_vs_full", "acc_B_mean",
                                    "acc_B_std", "pct_acc_vs_full", "acc_A_after_mean", "seeds", "epochs",
                                    "batch_size", "lr"]
     config = json.loads((out / "config.json").read_text())
