@@ -13,8 +13,9 @@ freezes a pretrained weight W and learns a low-rank update beside it:
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises
   its own weight and as PEFT and loralib do; B = 0. So B A = 0 and training starts exactly at the base model.
   ("gaussian": A ~ N(0, std=1/r), as PEFT's "gaussian".)
-- Scaling: alpha / r, with alpha = r by default (scaling 1). Dividing by r keeps the size of the update
-  roughly independent of r under Adam, so one learning rate serves every rank (paper, section 4.1).
+- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the size of the update roughly
+  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to
+  r (scaling 1): then each rank wants its own learning rate, as in this repo's experiments, which tune it.
   use_rslora=True scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds

@@ -172,3 +172,12 @@ def test_the_sweep_cli_refuses_to_run_without_learning_rates(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ex.main(["sweep", "--quick", "--out", str(tmp_path)])
     assert "experiment.py tune" in capsys.readouterr().err
+
+
+def test_finetuning_leaves_the_callers_warning_filters_alone(tasks):
+    import warnings
+    small = {t: {s: (x[:300], y[:300]) for s, (x, y) in tasks[t].items()} for t in "AB"}
+    base = ex.pretrain(QUICK, small, [0])["params"]
+    before = list(warnings.filters)
+    ex.finetune(QUICK, small, [0], base, "lora_r8", 1e-2)  # r = 8 > 5 on the head: silenced inside only
+    assert warnings.filters == before
