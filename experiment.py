@@ -15,6 +15,7 @@ this is exactly len(seeds) separate trainings, done in one pass per batch instea
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -329,15 +330,15 @@ def _runs(cfg: Config, device: torch.device, seeds: list[int], jobs: list[tuple[
     from tqdm import tqdm
 
     folder = Path(cache_dir) / run_key(cfg, device) / f"seeds_{seeds[0]}-{seeds[-1]}"
-    tasks = load_tasks(cfg, device)
+    tasks = functools.cache(lambda: load_tasks(cfg, device))  # loaded only if some run is not cached yet
     results = []
     with tqdm(total=1 + len(jobs), desc=desc, disable=not progress, file=sys.stdout, mininterval=1) as bar:
-        base = cached(folder / "pretrain.pt", lambda: pretrain(cfg, tasks, seeds))
+        base = cached(folder / "pretrain.pt", lambda: pretrain(cfg, tasks(), seeds))
         bar.update()
         for i, (method, lr) in enumerate(jobs):
             bar.set_postfix_str(f"{method} lr={lr:g}", refresh=False)
             results.append(cached(folder / f"{method}_lr{lr:g}.pt",
-                                  lambda: finetune(cfg, tasks, seeds, base["params"], method, lr)))
+                                  lambda: finetune(cfg, tasks(), seeds, base["params"], method, lr)))
             bar.update()
             if after_each is not None:
                 after_each(i)
@@ -368,7 +369,7 @@ def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_di
 
     missing = [m for m in cfg.methods if m not in lrs]
     if missing:
-        raise ValueError(f"no learning rate for {missing}: run `python experiment.py tune` first")
+        raise ValueError(f"no learning rate for {missing}: run `python experiment.py tune --model {cfg.model}` first")
     seeds = list(range(cfg.seeds))
     jobs = [(m, lrs[m]) for m in cfg.methods]
     base, results = _runs(cfg, device, seeds, jobs, cache_dir, progress, "sweep", after_each)
