@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import lora
 import transformer
+from storage import atomic_write
 
 ROOT = Path(__file__).resolve().parent
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics
@@ -296,21 +297,6 @@ def run_key(cfg: Config, device: torch.device) -> str:
     code = b"".join((ROOT / f).read_bytes() for f in ("experiment.py", "lora.py", "transformer.py"))
     blob = json.dumps([dataclasses.asdict(cfg), device.type, hashlib.sha256(code).hexdigest()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: `path` is either old or complete, never torn."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
