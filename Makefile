@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 run: data
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
-	$(PY) experiment.py readme
+	$(PY) experiment.py readme --model mlp
 	$(PY) experiment.py readme --model transformer
 
 test: data

@@ -1,7 +1,59 @@
-"""Files the experiments write: each appears complete or not at all."""
+"""Where each experiment's files go, and writing and reading them: each file appears complete or not at all."""
 
+import dataclasses
+import hashlib
+import io
+import json
 import os
+import platform
+from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files of one experiment ("mlp", "transformer", "text") under `root`: the MLP's table and figure at the
+    top, where the README leads with them; everything else under results/."""
+    experiment: str
+    root: Path = ROOT
+
+    def _file(self, suffix: str) -> Path:
+        return Path(self.root) / "results" / f"{self.experiment}{suffix}"
+
+    @property
+    def summary(self) -> Path:
+        return Path(self.root) / "results.csv" if self.experiment == "mlp" else self._file(".csv")
+
+    @property
+    def figure(self) -> Path:
+        top = self.experiment == "mlp"
+        return Path(self.root) / "parameters_vs_accuracy.png" if top else self._file("_parameters_vs_accuracy.png")
+
+    @property
+    def per_seed(self) -> Path:
+        return self._file("_per_seed.csv")
+
+    @property
+    def config(self) -> Path:
+        return self._file("_config.json")
+
+    @property
+    def lr_search(self) -> Path:
+        return self._file("_lr_search.csv")
+
+    @property
+    def learning_rates(self) -> Path:
+        return self._file("_learning_rates.json")
+
+    def all(self) -> list[Path]:
+        return [self.summary, self.per_seed, self.config, self.figure, self.lr_search, self.learning_rates]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -17,3 +69,79 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fingerprint(payload, files: list[Path]) -> str:
+    """16 hex digits naming a run cache: JSON-able `payload` (config, device, ...) and the bytes of `files`."""
+    code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
+    return hashlib.sha256(json.dumps([payload, code], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """compute(), saved atomically at `path`; loaded instead when it is already there."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    result = compute()
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    atomic_write(path, buf.getvalue())
+    return result
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "pandas": pd.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float]) -> None:
+    atomic_write(out.lr_search, grid.to_csv(index=False).encode())
+    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen})
+
+
+def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) -> dict[str, float]:
+    """The chosen learning rates, refused when they were tuned for other `tuning_fields`."""
+    path = out.learning_rates
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `{tune_command}` first")
+    saved = json.loads(path.read_text())
+    if saved["config"] != tuning_fields:
+        diff = {k: (saved["config"].get(k), v) for k, v in tuning_fields.items() if saved["config"].get(k) != v}
+        raise ValueError(f"{path} was tuned for another config (field: (saved, now)): {diff}; "
+                         f"run `{tune_command}` with this config")
+    return saved["chosen"]
+
+
+def save_results(out: Outputs, cfg, per_seed: pd.DataFrame, results: pd.DataFrame, fig, device: torch.device,
+                 seconds: float, extra: dict | None = None) -> None:
+    """The summary (6 significant digits), every run (full precision), the config with the environment, the PNG."""
+    atomic_write(out.summary, results.to_csv(index=False, float_format="%.6g").encode())
+    atomic_write(out.per_seed, per_seed.to_csv(index=False).encode())
+    write_json(out.config, {"config": dataclasses.asdict(cfg), "environment": environment(device),
+                            "sweep_seconds": round(seconds, 1), **(extra or {})})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(out.figure, buf.getvalue())
+
+
+def with_int_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """rank, and alpha where every alpha is whole, as nullable ints: "4" in a CSV, never "4.0"."""
+    whole = all(float(a).is_integer() for a in df["alpha"].dropna())
+    return df.astype({"rank": "Int64", "alpha": "Int64" if whole else "Float64"})
+
+
+def load_results(out: Outputs) -> pd.DataFrame:
+    return with_int_columns(pd.read_csv(out.summary))

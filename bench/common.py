@@ -11,7 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import experiment as ex  # noqa: E402
+import experiment  # noqa: E402
+import storage  # noqa: E402
+from config import Config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -19,7 +21,7 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{ex.cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    return f"{storage.cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
 def wall(fn, device: torch.device) -> float:
@@ -31,6 +33,11 @@ def wall(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def default_learning_rates(cfg: Config) -> dict[str, float]:
+    """The committed learning rates of the default MLP experiment."""
+    return storage.load_learning_rates(storage.Outputs("mlp"), cfg.tuning_fields(), experiment.tune_command(cfg))
 
 
 def median(xs: list[float]) -> float:
@@ -51,4 +58,4 @@ def record(title: str, body: str, device: torch.device) -> None:
              f"{datetime.date.today().isoformat()}\n\n{body}\n")
     print(entry)
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nAppended by the scripts in bench/.\n"
-    ex.atomic_write(RESULTS, (old + entry).encode())
+    storage.atomic_write(RESULTS, (old + entry).encode())

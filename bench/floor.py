@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import ex, record, table, wall
+from common import default_learning_rates, record, table, wall  # first: puts the repo on sys.path
+import runs
+from config import Config, resolve_device
+from models import make_mlp
+from tasks import load_tasks
 
 import lora
 
@@ -34,20 +38,20 @@ def forward_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-def sweep_flops(cfg: ex.Config, tasks) -> dict[str, int]:
+def sweep_flops(cfg: Config, tasks) -> dict[str, int]:
     """Matmul FLOPs of each phase of the default sweep, all seeds together."""
     bs, S = cfg.batch_size, cfg.seeds
     x, y = torch.randn(bs, 784), torch.randint(0, 5, (bs,))
     n = {t: {s: len(tasks[t][s][1]) for s in tasks[t]} for t in tasks}
-    out = {"pretrain": S * cfg.pretrain_epochs * (n["A"]["train"] // bs) * step_flops(ex.make_mlp(), x, y)}
-    per_sample = forward_flops(ex.make_mlp(), x[:1])
+    out = {"pretrain": S * cfg.pretrain_epochs * (n["A"]["train"] // bs) * step_flops(make_mlp(), x, y)}
+    per_sample = forward_flops(make_mlp(), x[:1])
     out["evaluation"] = S * per_sample * (n["A"]["test"] + n["B"]["test"])  # after pretraining
     for method in cfg.methods:
-        model, r = ex.make_mlp(), ex.method_rank(method)
+        model, r = make_mlp(), method.rank
         if r is not None:
             lora.add_lora(model, r=r)
             lora.mark_only_lora_as_trainable(model)
-        out[method] = S * cfg.finetune_epochs * (n["B"]["train"] // bs) * step_flops(model, x, y)
+        out[method.name] = S * cfg.finetune_epochs * (n["B"]["train"] // bs) * step_flops(model, x, y)
         evals = n["B"]["val"] + n["B"]["test"] + n["A"]["test"] * (1 if r is None else 2)
         out["evaluation"] += S * forward_flops(model, x[:1]) * evals
     return out
@@ -69,16 +73,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    device = ex.resolve_device(args.device)
+    device = resolve_device(args.device)
     warnings.filterwarnings("ignore", message=r"r=\d+ exceeds")
     torch.backends.cuda.matmul.allow_tf32 = False  # the sweep runs in float32; so does the rate
-    cfg = ex.Config()
-    flops = sweep_flops(cfg, ex.load_tasks(cfg, torch.device("cpu")))
+    cfg = Config()
+    flops = sweep_flops(cfg, load_tasks(cfg, torch.device("cpu")))
     total = sum(flops.values())
     rate = matmul_rate(device)
-    lrs = ex.load_learning_rates(ex.ROOT, cfg)
+    lrs = default_learning_rates(cfg)
     with tempfile.TemporaryDirectory() as cache:
-        measured = wall(lambda: ex.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False), device)
+        measured = wall(lambda: runs.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False), device)
     floor = total / rate
     rows = [[k, f"{v / 1e9:.1f}"] for k, v in flops.items()] + [["**total**", f"**{total / 1e9:.1f}**"]]
     body = table(["phase", "GFLOP (matmuls, fwd + bwd)"], rows)

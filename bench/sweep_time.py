@@ -7,7 +7,9 @@ evaluations), the median of several repetitions, each with an empty run cache.
 import argparse
 import tempfile
 
-from common import ex, median, record, table, wall
+from common import default_learning_rates, median, record, table, wall  # first: puts the repo on sys.path
+import runs
+from config import Config, resolve_device
 
 
 def main():
@@ -15,13 +17,13 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    device = ex.resolve_device(args.device)
-    cfg = ex.Config()
-    lrs = ex.load_learning_rates(ex.ROOT, cfg)
+    device = resolve_device(args.device)
+    cfg = Config()
+    lrs = default_learning_rates(cfg)
     times = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
-            times.append(wall(lambda: ex.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False), device))
+            times.append(wall(lambda: runs.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False), device))
         print(f"{times[-1]:.2f} s")
     body = table(["device", "runs (s)", "median (s)"],
                  [[str(device), ", ".join(f"{t:.2f}" for t in times), f"**{median(times):.2f}**"]])

@@ -1,81 +1,85 @@
-"""The notebook runs top to bottom, and the committed outputs agree with each other (issue 3)."""
+"""The notebooks run top to bottom, and the committed outputs, the notebooks and the README agree."""
 
 import json
+import re
 
 import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-import experiment as ex
+import experiment
+import report
+import storage
+from config import Config
 
-NOTEBOOK = ex.ROOT / "lora_from_scratch.ipynb"
+ROOT = storage.ROOT
+NOTEBOOKS = {"mlp": ROOT / "lora_from_scratch.ipynb", "transformer": ROOT / "lora_transformer.ipynb"}
+MODELS = list(NOTEBOOKS)
 
 
 def code_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-NOTEBOOKS = {"mlp": NOTEBOOK, "transformer": ex.ROOT / "lora_transformer.ipynb"}
-DEFAULTS = {"mlp": ex.Config(), "transformer": ex.Config.transformer()}
-
-
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", MODELS)
 def test_the_notebook_runs_top_to_bottom_in_quick_mode(model, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_QUICK", "1")
     monkeypatch.setenv("LORA_OUT_DIR", str(tmp_path))
     monkeypatch.setenv("LORA_DEVICE", "cpu")
     nb = nbformat.read(NOTEBOOKS[model], as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ex.ROOT)}}).execute()
-    cfg = ex.Config.quick(model)
-    for name in (f"results{cfg.suffix}.csv", f"results{cfg.suffix}_per_seed.csv", f"config{cfg.suffix}.json",
-                 cfg.figure, f"lr_search{cfg.suffix}.csv", f"learning_rates{cfg.suffix}.json"):
-        assert (tmp_path / name).is_file(), name
-    assert json.loads((tmp_path / f"config{cfg.suffix}.json").read_text())["config"]["seeds"] == cfg.seeds
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    out = storage.Outputs(model, tmp_path)
+    for path in out.all():
+        assert path.is_file(), path
+    assert json.loads(out.config.read_text())["config"]["seeds"] == Config.quick(model).seeds
     assert [c.execution_count for c in code_cells(nb)] == list(range(1, len(code_cells(nb)) + 1))
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", MODELS)
 def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_errors(model):
     cells = code_cells(nbformat.read(NOTEBOOKS[model], as_version=4))
     assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
     config_cell = next(c for c in cells if "LORA_QUICK" in c.source)  # and it ran the default config:
-    assert config_cell.outputs[0].data["text/plain"] == repr(DEFAULTS[model])
+    assert config_cell.outputs[0].data["text/plain"] == repr(Config.default(model))
 
 
-def committed_results(model="mlp"):
-    return ex.load_results(ex.ROOT, DEFAULTS[model])
-
-
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", MODELS)
 def test_results_csv_is_the_summary_of_the_per_seed_rows(model):
-    cfg = DEFAULTS[model]
-    per_seed = pd.read_csv(ex.ROOT / f"results{cfg.suffix}_per_seed.csv").astype({"rank": "Int64", "alpha": "Int64"})
-    config = json.loads((ex.ROOT / f"config{cfg.suffix}.json").read_text())["config"]
-    assert ex.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
-    pd.testing.assert_frame_equal(ex.summarize(per_seed, cfg), committed_results(model), rtol=1e-5,
+    cfg, out = Config.default(model), storage.Outputs(model)
+    per_seed = storage.with_int_columns(pd.read_csv(out.per_seed))
+    config = json.loads(out.config.read_text())["config"]
+    assert Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
+    pd.testing.assert_frame_equal(report.summarize(per_seed, cfg), storage.load_results(out), rtol=1e-5,
                                   check_dtype=False)
-    assert ex.load_learning_rates(ex.ROOT, cfg) == dict(zip(per_seed.method, per_seed.lr))
+    lrs = storage.load_learning_rates(out, cfg.tuning_fields(), experiment.tune_command(cfg))
+    assert lrs == dict(zip(per_seed.method, per_seed.lr))
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", MODELS)
 def test_the_notebook_prints_the_numbers_of_its_results_csv(model):
     cells = code_cells(nbformat.read(NOTEBOOKS[model], as_version=4))
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/html", "") for c in cells for o in c.outputs)
-    for _, r in committed_results(model).iterrows():
+    for _, r in storage.load_results(storage.Outputs(model)).iterrows():
         assert f"{r['acc_B_mean']:.4f} ± {r['acc_B_std']:.4f}" in text, r["method"]
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", MODELS)
 def test_the_readme_tables_are_the_results_csvs(model):
-    cfg = DEFAULTS[model]
-    config = json.loads((ex.ROOT / f"config{cfg.suffix}.json").read_text())
-    start, end = ex.readme_markers(model)
-    readme = (ex.ROOT / "README.md").read_text()
-    assert f"{start}\n{ex.markdown_table(committed_results(model), config)}\n{end}" in readme
+    out = storage.Outputs(model)
+    start, end = report.readme_markers(model)
+    table = report.markdown_table(storage.load_results(out), json.loads(out.config.read_text()))
+    assert f"{start}\n{table}\n{end}" in (ROOT / "README.md").read_text()
 
 
-def test_the_readme_gives_the_two_commands():
-    readme = (ex.ROOT / "README.md").read_text()
-    assert "make run" in readme and "make test" in readme
+def test_every_file_and_make_target_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"`([\w./-]+\.(?:py|ipynb|csv|json|png|md))`", readme))
+    paths |= set(re.findall(r"\]\(([\w./-]+\.(?:py|ipynb|csv|json|png|md))\)", readme))  # links and images
+    assert {"lora.py", "results.csv", "parameters_vs_accuracy.png"} <= paths
+    missing = sorted(p for p in paths if not any((ROOT / d / p).exists() for d in (".", "bench", "tests")))
+    assert not missing, f"README names files that do not exist: {missing}"
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    commands = set(re.findall(r"^make (\w+)", readme, re.M))
+    assert {"run", "test"} <= commands <= targets, (commands, targets)

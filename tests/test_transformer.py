@@ -6,8 +6,13 @@ import warnings
 import pytest
 import torch
 
-import experiment as ex
+import experiment
 import lora
+import report
+import runs
+import storage
+from config import Config, Method
+from models import add_adapter
 from transformer import TARGET_SETS, RowTransformer
 
 CPU = torch.device("cpu")
@@ -70,7 +75,7 @@ def test_row_transformer_has_separate_q_k_v_o_and_the_expected_parameter_counts(
             model = RowTransformer()
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # the head is never wrapped, so r = 8 > 5 warns nowhere
-                ex.add_adapter(model, f"lora_{name}_r{r}")
+                add_adapter(model, Method("lora", r, name))
             assert lora.count_parameters(model)[0] == per_rank[name] * r + head, (name, r)
             assert {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == {
                 "head.weight", "head.bias"}  # the classifier head trains in full, as in the paper
@@ -93,32 +98,25 @@ def test_row_transformer_with_lora_starts_at_the_base_and_merges_exactly():
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
 
 
-def test_transformer_method_names_encode_target_set_and_rank():
-    cfg = ex.Config.transformer()
-    assert cfg.methods[:3] == ["full", "lora_qv_r1", "lora_qv_r2"] and len(cfg.methods) == 1 + 3 * 4
-    assert [(ex.method_targets(m), ex.method_rank(m)) for m in ("full", "lora_qkvo_r8", "lora_r4")] == [
-        (None, None), ("qkvo", 8), ("all", 4)]
-    assert ex.Config().methods[1] == "lora_r1"  # the MLP's names are unchanged
+def test_the_transformer_config_refuses_target_sets_of_another_model():
     with pytest.raises(ValueError, match="target_sets for the mlp"):
-        dataclasses.replace(ex.Config(), target_sets=("qv",))
+        dataclasses.replace(Config(), target_sets=("qv",))
     with pytest.raises(ValueError, match="model must be"):
-        dataclasses.replace(ex.Config(), model="cnn")
+        dataclasses.replace(Config(), model="cnn")
 
 
 def test_the_transformer_pipeline_runs_on_the_quick_config(tmp_path):
-    cfg = ex.Config.quick("transformer")
-    grid, chosen = ex.tune(cfg, CPU, cache_dir=tmp_path / "runs", progress=False)
-    ex.save_learning_rates(tmp_path, cfg, grid, chosen)
-    per_seed = ex.run_sweep(cfg, ex.load_learning_rates(tmp_path, cfg), CPU, cache_dir=tmp_path / "runs",
-                            progress=False)
-    results = ex.summarize(per_seed, cfg)
-    ex.save_results(tmp_path, cfg, per_seed, results, ex.plot(results, cfg), CPU, 1.0)
+    cfg, out = Config.quick("transformer"), storage.Outputs("transformer", tmp_path)
+    grid, chosen = runs.tune(cfg, CPU, cache_dir=tmp_path / "runs", progress=False)
+    storage.save_learning_rates(out, cfg.tuning_fields(), grid, chosen)
+    lrs = storage.load_learning_rates(out, cfg.tuning_fields(), experiment.tune_command(cfg))
+    per_seed = runs.run_sweep(cfg, lrs, CPU, cache_dir=tmp_path / "runs", progress=False)
+    results = report.summarize(per_seed, cfg)
+    storage.save_results(out, cfg, per_seed, results, report.plot(results, cfg), CPU, 1.0)
     assert list(results.method) == ["full", "lora_qv_r2", "lora_qkvo_r2", "lora_all_r2"]
     assert list(results.trainable_params) == [19_141, 2 * 256 + 165, 2 * 512 + 165, 2 * 956 + 165]
     assert (per_seed.loss_last_epoch < per_seed.loss_first_epoch).all()
     assert per_seed.acc_A_disabled.isna().all()  # the head trained too: switching LoRA off is not the base model
-    for name in ("results_transformer.csv", "results_transformer_per_seed.csv", "config_transformer.json",
-                 "transformer_parameters_vs_accuracy.png", "lr_search_transformer.csv",
-                 "learning_rates_transformer.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    assert not (tmp_path / "results.csv").exists()  # the MLP's files are left alone
+    for path in out.all():
+        assert path.stat().st_size > 0 and path.parent == tmp_path / "results", path
+    assert not any(p.exists() for p in storage.Outputs("mlp", tmp_path).all())  # the MLP's files are left alone
