@@ -151,7 +151,7 @@ def prepare_mnist(root: Path = DATA_DIR, source: Path | None = None, expected_sh
     if source is not None:
         write_idx_files(read_pickled_mnist(source, expected_sha256), raw_dir)
     else:
-        from torchvision.datasets import MNIST
+        from torchvision.datasets import MNIST  # the download fallback only: preparing the files needs numpy alone
         try:
             MNIST(root, train=True, download=True)
         except Exception as e:
@@ -163,7 +163,7 @@ def prepare_mnist(root: Path = DATA_DIR, source: Path | None = None, expected_sh
 
 
 if __name__ == "__main__":
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # only to show that torchvision reads what was written
 
     root = prepare_mnist()
     train, test = MNIST(root, train=True), MNIST(root, train=False)

@@ -257,7 +257,7 @@ def find_minilm(root: Path = DATA_DIR) -> tuple[Path, dict]:
 
 
 if __name__ == "__main__":
-    import argparse
+    import argparse  # the command line only
 
     parser = argparse.ArgumentParser(description="Prepare MiniLM and the drug reviews, offline and verified.")
     parser.add_argument("--transfer-copy", action="store_true", help="also write minilm_fp16/ (float16 weights)")

@@ -11,11 +11,16 @@ from nbclient import NotebookClient
 import experiment
 import report
 import storage
+import text_report
 from config import Config
+from text_config import TextConfig
 
 ROOT = storage.ROOT
-NOTEBOOKS = {"mlp": ROOT / "lora_from_scratch.ipynb", "transformer": ROOT / "lora_transformer.ipynb"}
+NOTEBOOKS = {"mlp": ROOT / "lora_from_scratch.ipynb", "transformer": ROOT / "lora_transformer.ipynb",
+             "text": ROOT / "lora_text.ipynb"}
 MODELS = list(NOTEBOOKS)
+DEFAULTS = {"mlp": Config(), "transformer": Config.transformer(), "text": TextConfig()}
+QUICK = {"mlp": Config.quick(), "transformer": Config.quick("transformer"), "text": TextConfig.quick()}
 
 
 def code_cells(nb):
@@ -32,7 +37,7 @@ def test_the_notebook_runs_top_to_bottom_in_quick_mode(model, tmp_path, monkeypa
     out = storage.Outputs(model, tmp_path)
     for path in out.all():
         assert path.is_file(), path
-    assert json.loads(out.config.read_text())["config"]["seeds"] == Config.quick(model).seeds
+    assert json.loads(out.config.read_text())["config"]["seeds"] == QUICK[model].seeds
     assert [c.execution_count for c in code_cells(nb)] == list(range(1, len(code_cells(nb)) + 1))
 
 
@@ -42,34 +47,38 @@ def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_err
     assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
     config_cell = next(c for c in cells if "LORA_QUICK" in c.source)  # and it ran the default config:
-    assert config_cell.outputs[0].data["text/plain"] == repr(Config.default(model))
+    assert config_cell.outputs[0].data["text/plain"] == repr(DEFAULTS[model])
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_results_csv_is_the_summary_of_the_per_seed_rows(model):
-    cfg, out = Config.default(model), storage.Outputs(model)
+    cfg, out = DEFAULTS[model], storage.Outputs(model)
     per_seed = storage.with_int_columns(pd.read_csv(out.per_seed))
     config = json.loads(out.config.read_text())["config"]
-    assert Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
-    pd.testing.assert_frame_equal(report.summarize(per_seed, cfg), storage.load_results(out), rtol=1e-5,
-                                  check_dtype=False)
-    lrs = storage.load_learning_rates(out, cfg.tuning_fields(), experiment.tune_command(cfg))
-    assert lrs == dict(zip(per_seed.method, per_seed.lr))
+    assert type(cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
+    summarize = text_report.summarize if model == "text" else report.summarize
+    pd.testing.assert_frame_equal(summarize(per_seed, cfg), storage.load_results(out), rtol=1e-5, check_dtype=False)
+    command = "python text_experiment.py all" if model == "text" else experiment.tune_command(cfg)
+    assert storage.load_learning_rates(out, cfg.tuning_fields(), command) == dict(zip(per_seed.method, per_seed.lr))
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_the_notebook_prints_the_numbers_of_its_results_csv(model):
     cells = code_cells(nbformat.read(NOTEBOOKS[model], as_version=4))
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/html", "") for c in cells for o in c.outputs)
+    mean, std = ("acc_mean", "acc_std") if model == "text" else ("acc_B_mean", "acc_B_std")
     for _, r in storage.load_results(storage.Outputs(model)).iterrows():
-        assert f"{r['acc_B_mean']:.4f} ± {r['acc_B_std']:.4f}" in text, r["method"]
+        assert f"{r[mean]:.4f} ± {r[std]:.4f}" in text, r["method"]
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_the_readme_tables_are_the_results_csvs(model):
     out = storage.Outputs(model)
-    start, end = report.readme_markers(model)
-    table = report.markdown_table(storage.load_results(out), json.loads(out.config.read_text()))
+    results, config = storage.load_results(out), json.loads(out.config.read_text())
+    if model == "text":
+        (start, end), table = text_report.MARKERS, text_report.markdown_table(results, config)
+    else:
+        (start, end), table = report.readme_markers(model), report.markdown_table(results, config)
     assert f"{start}\n{table}\n{end}" in (ROOT / "README.md").read_text()
 
 

@@ -1,0 +1,151 @@
+"""Reporting the text experiment: the summary with intervals and paired differences, the figure, the README block."""
+
+import json
+from pathlib import Path
+
+import matplotlib.ticker
+import pandas as pd
+from matplotlib.figure import Figure
+
+from report import TARGET_LABELS
+from stats import mean_ci, paired_differences
+from storage import Outputs, atomic_write, load_results, with_int_columns
+from text_config import TextConfig
+
+MARKERS = ("<!-- text results: written by `python text_experiment.py readme` from results/text.csv and "
+           "results/text_config.json -->", "<!-- end of text results -->")
+
+
+def label(row) -> str:
+    """How a method reads in tables and legends."""
+    if row["method"] == "head":
+        return "linear probe (head only)"
+    if row["method"] == "full":
+        return "full finetuning"
+    return f"LoRA on {TARGET_LABELS[row['targets']]}, r={row['rank']}"
+
+
+def summarize(per_seed: pd.DataFrame, cfg: TextConfig) -> pd.DataFrame:
+    """One row per method: test accuracy mean, std and 95% interval over seeds, and the paired difference to
+    full finetuning (same seeds) with its 95% interval."""
+    rows = []
+    for method, g in per_seed.groupby("method", sort=False):
+        mean, low, high = mean_ci(g["test_acc"])
+        rows.append({"method": method, "targets": g["targets"].iloc[0], "rank": g["rank"].iloc[0],
+                     "alpha": g["alpha"].iloc[0], "trainable_params": g["trainable_params"].iloc[0],
+                     "acc_mean": mean, "acc_std": g["test_acc"].std(), "acc_ci_low": low, "acc_ci_high": high,
+                     "seeds": len(g), "lr": g["lr"].iloc[0]})
+    out = pd.DataFrame(rows).merge(paired_differences(per_seed, "test_acc", "full"), on="method")
+    out = out.rename(columns={"diff_mean": "diff_vs_full", "diff_low": "diff_vs_full_low",
+                              "diff_high": "diff_vs_full_high"}).drop(columns="diff_seeds")
+    out["epochs"], out["batch_size"], out["max_len"] = cfg.epochs, cfg.batch_size, cfg.max_len
+    return with_int_columns(out)
+
+
+def plot(results: pd.DataFrame, majority: float) -> Figure:
+    """Left: trainable parameters (log x) against test accuracy, mean ± std over seeds. Right: each method's
+    paired difference to full finetuning with its 95% interval."""
+    fig = Figure(figsize=(12, 5), dpi=120)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    by = results.set_index("method")
+    full, head = by.loc["full"], by.loc["head"]
+    ax.axhspan(full.acc_mean - full.acc_std, full.acc_mean + full.acc_std, color="tab:green", alpha=0.2, lw=0)
+    ax.axhline(full.acc_mean, color="tab:green", lw=1.5,
+               label=f"full finetuning, {int(full.trainable_params):,} params (mean ± std)")
+    ax.axhline(majority, color="tab:gray", ls=":", lw=1.2, label=f"always 'positive' (majority class), {majority:.3f}")
+    ax.errorbar([head.trainable_params], [head.acc_mean], yerr=[head.acc_std], fmt="s", color="tab:red", capsize=3,
+                label=f"linear probe (head only), {int(head.trainable_params):,} params")
+    qv = results[results.targets == "qv"]
+    ax.errorbar(qv.trainable_params, qv.acc_mean, yerr=qv.acc_std, fmt="o-", color="tab:blue", capsize=3,
+                label="LoRA on Wq, Wv (+ head), r = " + ", ".join(str(r) for r in qv["rank"]))
+    for _, row in qv.iterrows():
+        ax.annotate(f"r={row['rank']}", (row.trainable_params, row.acc_mean), textcoords="offset points",
+                    xytext=(5, -12), fontsize=8, color="tab:blue")
+    for targets, color in (("qkvo", "tab:orange"), ("all", "tab:purple")):
+        row = results[results.targets == targets].iloc[0]
+        ax.errorbar([row.trainable_params], [row.acc_mean], yerr=[row.acc_std], fmt="D", color=color, capsize=3,
+                    label=f"LoRA on {TARGET_LABELS[targets]} (+ head), r={row['rank']}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy, positive vs negative review")
+    ax.set_title(f"MiniLM-L6 on drug-review sentiment ({int(full.seeds)} seeds, equal budget)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+
+    others = results[results.method != "full"].iloc[::-1]
+    y = range(len(others))
+    err = [others.diff_vs_full - others.diff_vs_full_low, others.diff_vs_full_high - others.diff_vs_full]
+    bx.errorbar(100 * others.diff_vs_full, y, xerr=[100 * e for e in err], fmt="o", color="black", capsize=3)
+    bx.axvline(0, color="tab:green", lw=1.5)
+    bx.set_yticks(list(y), [label(r) for _, r in others.iterrows()], fontsize=8)
+    bx.set_xlabel("test accuracy − full finetuning's, same seed (points)")
+    bx.set_title("paired difference to full finetuning, 95% interval", fontsize=10)
+    bx.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(results: pd.DataFrame, config: dict) -> str:
+    """The README block: the table of results/text.csv and what produced it."""
+    lines = ["| method | trainable params | test accuracy (mean ± std) | 95% interval | "
+             "difference to full finetuning, points (95% interval) | lr |", "|---|---:|---:|---:|---:|---:|"]
+    for _, r in results.iterrows():
+        diff = ("" if r["method"] == "full" else
+                f"{100 * r['diff_vs_full']:+.1f} ({100 * r['diff_vs_full_low']:+.1f} to {100 * r['diff_vs_full_high']:+.1f})")
+        lines.append(f"| {label(r)} | {r['trainable_params']:,} | {r['acc_mean']:.4f} ± {r['acc_std']:.4f} | "
+                     f"{r['acc_ci_low']:.3f}–{r['acc_ci_high']:.3f} | {diff} | {r['lr']:g} |")
+    c, env, data = config["config"], config["environment"], config["data"]
+    lines += ["", f"{c['seeds']} seeds; {data['train']} training, {data['val']} validation and {data['test']} test "
+              f"reviews ({100 * data['majority']:.1f}% of the test reviews are positive); every method "
+              f"{c['epochs']} epoch{'s' * (c['epochs'] > 1)} at batch size {c['batch_size']}, at most {c['max_len']} tokens, Adam with a "
+              f"cosine schedule{', bf16 autocast' if c['amp'] and env['device'].startswith('cuda') else ''}. "
+              f"Weights: {config['weights']['weights']}. Training took {config['tune_seconds']:.0f} s for the "
+              f"learning-rate search and {config['sweep_seconds']:.0f} s for the sweep on {env['device_name']}, "
+              f"torch {env['torch']}."]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, out: Outputs) -> None:
+    """Replace the block between MARKERS with the markdown_table of results/text.csv."""
+    start, end = MARKERS
+    text = readme.read_text()
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} must contain the markers {start!r} and {end!r} once each")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    table = markdown_table(load_results(out), json.loads(out.config.read_text()))
+    atomic_write(readme, (head + f"{start}\n{table}\n{end}" + tail).encode())
+
+
+
+def verdict(row) -> str:
+    """Where a method stands against full finetuning, read off its paired 95% interval."""
+    if row["diff_vs_full_low"] > 0:
+        return "above full finetuning"
+    if row["diff_vs_full_high"] < 0:
+        return "below full finetuning"
+    return "not distinguishable from full finetuning"
+
+
+def discussion(results: pd.DataFrame, majority: float) -> str:
+    """The notebook's discussion, sentence by sentence from the numbers."""
+    by = results.set_index("method")
+    full = by.loc["full"]
+    lines = [f"Always answering 'positive' scores {majority:.3f} on the test reviews; full finetuning scores "
+             f"{full.acc_mean:.4f} ± {full.acc_std:.4f} with {int(full.trainable_params):,} trainable parameters."]
+    for method, r in by.drop(index="full").iterrows():
+        share = 100 * r.trainable_params / full.trainable_params
+        lines.append(f"- {label({**r, 'method': method})}: {r.acc_mean:.4f} ± {r.acc_std:.4f} with "
+                     f"{int(r.trainable_params):,} parameters ({share:.2f}% of full's); paired difference "
+                     f"{100 * r.diff_vs_full:+.1f} points ({100 * r.diff_vs_full_low:+.1f} to "
+                     f"{100 * r.diff_vs_full_high:+.1f}): {verdict(r)}.")
+    qv = results[results.targets == "qv"]
+    level = qv[(qv.diff_vs_full_high >= 0)]
+    if len(level):
+        r = level.iloc[0]
+        lines.append(f"The smallest rank of LoRA on Wq, Wv not below full finetuning is r={r['rank']}, with "
+                     f"{100 * r.trainable_params / full.trainable_params:.2f}% of its trainable parameters.")
+    else:
+        lines.append("At every rank, LoRA on Wq, Wv stays below full finetuning.")
+    return "\n".join(lines)
