@@ -1,6 +1,6 @@
 # make run   set up, get the data, execute the notebooks: regenerates every results file, figure and README table
 #            (the text experiment only where a CUDA GPU is present; elsewhere its committed files are kept)
-# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 10 minutes on one H100
+# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 15 minutes of training on one H100
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv
