@@ -48,6 +48,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -209,6 +210,12 @@ class LoRALinear(nn.Module):
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the weight merge() writes, in W's dtype; DoRA's norm it divides by, else None); ValueError if it
         is not finite."""
+        dtensor = sys.modules.get("torch.distributed.tensor")  # loaded wherever a tensor can be a DTensor
+        if dtensor is not None and isinstance(self.weight, dtensor.DTensor):
+            raise ValueError("the weight is sharded (a DTensor, e.g. under FSDP2's fully_shard), and a layer merged "
+                             "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
+                             "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                             "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
         merged = self._precise_delta_weight().add_(self.weight)  # (out, in), float32 or wider: W + s B A
         norm = None
         if self.use_dora:
@@ -429,7 +436,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding its adapted weight, merged in place (no second copy
     of W); returns the model. Every layer is checked before any is changed, so a diverged adapter leaves the
-    model as it was. The weights must be whole tensors: under FSDP, gather them first (see merge for rounding).
+    model as it was. The weights must be whole tensors: under FSDP2, merge an unsharded copy loaded from a full
+    state dict. (merge states the rounding.)
     """
     layers = list(lora_layers(model))
     for name, layer in layers:
