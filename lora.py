@@ -24,7 +24,7 @@ freezes a pretrained weight W and learns a low-rank update beside it:
     h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b      (norm over `in`, one per output feature)
 
   The norm is a constant in backward (paper, section 4.3), as in PEFT. At initialisation m = ‖W‖ and B = 0,
-  so DoRA too starts at the base model.
+  so DoRA too starts at the base model (in half precision, up to one rounding of the output).
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
   `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).

@@ -93,8 +93,8 @@ def dora_rows(base: nn.Linear, x: torch.Tensor, gy: torch.Tensor, ranks: list[in
             ms = {k: cuda_ms(train_step(m, x, gy), repeats) for k, m in layers.items()}
             mem = {k: peak_mib(train_step(m, x, gy)) for k, m in layers.items() if k != "lora"}
             rows.append([r, dropout, f"{frozen_ms:.3f}", f"{ms['lora']:.3f}", f"{ms['ours']:.3f}",
-                         f"{ms['peft']:.3f}", f"**{ms['ours'] / ms['peft']:.2f}x**", f"{ms['ours'] / ms['lora']:.2f}x",
-                         f"{mem['ours']:.0f}", f"{mem['peft']:.0f}"])
+                         f"{ms['peft']:.3f}", f"**{ms['ours'] / ms['peft']:.2f}x**",
+                         f"{ms['ours'] / ms['lora']:.2f}x", f"{mem['ours']:.0f}", f"{mem['peft']:.0f}"])
     return rows
 
 
