@@ -17,24 +17,41 @@ freezes a pretrained weight W and learns a low-rank update beside it:
   independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to
   r (scaling 1): then each rank wants its own learning rate, as in this repo's experiments, which tune it.
   use_rslora=True scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
+- DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353), use_dora=True:
+  a trainable magnitude m of shape (out,), initialised to the row norms of W, sets the length of each output
+  row of the adapted weight, and LoRA only turns its direction:
+
+    h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b      (norm over `in`, one per output feature)
+
+  The norm is a constant in backward (paper, section 4.3), as in PEFT. At initialisation m = ‖W‖ and B = 0,
+  so DoRA too starts at the base model (in half precision, up to one rounding of the output).
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
-  `<path>.lora_A` and `<path>.lora_B`.
+  `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
+- merge() folds the update into W in place, keeping no copy of W; unmerge() takes it out again, up to
+  rounding (see merge). A merged layer refuses to train rather than silently train nothing.
+- save_peft_adapter and load_peft_adapter write and read Hugging Face PEFT's adapter format (they import
+  safetensors, nothing else here does).
 
     import lora
-    names = lora.add_lora(model, r=8, targets=["query", "value"])
+    names = lora.add_lora(model, r=8, targets=["query", "value"])   # use_dora=True for DoRA
     lora.mark_only_lora_as_trainable(model)
     ...train...
-    torch.save(lora.lora_state_dict(model), "adapter.pt")
+    torch.save(lora.lora_state_dict(model), "adapter.pt")   # or lora.save_peft_adapter(model, "adapter/")
     model = lora.merge_lora(model)          # plain nn.Linear layers again, for deployment
 """
 
 import contextlib
 import fnmatch
+import json
 import math
 import numbers
+import os
+import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -42,9 +59,10 @@ import torch.nn.functional as F
 
 INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
+ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRALinear
 
 
-def _check_hparams(r, alpha, dropout, init, use_rslora) -> None:
+def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora) -> None:
     """Raise before anything is built, naming the value given and what is accepted."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
@@ -55,26 +73,30 @@ def _check_hparams(r, alpha, dropout, init, use_rslora) -> None:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+    for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
 
 
-def _check_base(base: nn.Module, name: str = "base") -> None:
+def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
     if isinstance(base, LoRALinear):
         raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter "
                          "(was add_lora run twice, e.g. by re-running a notebook cell?)")
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{name} must be an nn.Linear, got {type(base).__name__}")
+    if use_dora and not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
+        raise ValueError(f"{name} has all-zero rows {zero.nonzero().flatten()[:10].tolist()} in its weight; DoRA "
+                         "divides each row by its norm, so use_dora=True needs every row non-zero")
 
 
 class LoRALinear(nn.Module):
-    """nn.Linear with a frozen weight plus a trainable low-rank update (alpha / r) · B A."""
+    """nn.Linear with a frozen weight plus a trainable low-rank update (alpha / r) · B A (DoRA: and a magnitude)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
-                 init: str = "kaiming", use_rslora: bool = False):
+                 init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
-        _check_base(base)
-        _check_hparams(r, alpha, dropout, init, use_rslora)
+        _check_hparams(r, alpha, dropout, init, use_rslora, use_dora)
+        _check_base(base, use_dora=use_dora)
         out_features, in_features = base.weight.shape
         if r > min(in_features, out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
@@ -82,9 +104,13 @@ class LoRALinear(nn.Module):
                           "parameters add no expressiveness", stacklevel=2)
         self.r = int(r)
         self.alpha = float(r if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.use_dora = use_dora
         self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
         self.dropout = float(dropout)
         self.enabled = True  # False inside disable_lora(): the layer computes the base output only
+        self.merged = False  # True after merge(): W holds the adapted weight
+        self.train(base.training)  # wrapping a model in eval mode leaves it in eval mode
 
         # The base's own Parameters, not copies: same names in state_dict, no extra memory.
         self.weight = base.weight  # (out, in)
@@ -100,8 +126,11 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan_in = in: U(-1/sqrt(in), 1/sqrt(in))
         else:
             nn.init.normal_(self.lora_A, std=1 / self.r)
-        # W as it was before merge(), so unmerge() and disable_lora() are exact. Not saved in state_dict.
-        self.register_buffer("weight_before_merge", None, persistent=False)
+        if use_dora:
+            norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)
+            self.lora_magnitude = nn.Parameter(norms.to(self.weight.dtype))  # m = ‖W‖: starts at the base model
+        # DoRA, while merged: the norm merge() divided by, so that unmerge() can undo it. Saved only when merged.
+        self.register_buffer("merged_norm", None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -112,12 +141,24 @@ class LoRALinear(nn.Module):
         return self.weight.shape[0]
 
     @property
-    def merged(self) -> bool:
-        return self.weight_before_merge is not None
+    def _precise(self) -> torch.dtype:
+        """float32, or float64 for a float64 layer: the dtype of merges and of DoRA's norm."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """lora_A, lora_B (and DoRA's lora_magnitude): what fine-tuning trains."""
+        return [self.lora_A, self.lora_B] + ([self.lora_magnitude] if self.use_dora else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
+                raise RuntimeError("this LoRALinear is merged, so its adapter would get no gradient: call unmerge() "
+                                   "before training (for inference, call eval() or use torch.no_grad())")
             return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out), one matmul
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return self._dora_forward(x)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if self.dropout > 0:
             x2_drop = F.dropout(x2, self.dropout, self.training)
@@ -130,43 +171,135 @@ class LoRALinear(nn.Module):
         # (Out of place: addmm_ would save a copy of v on the GPU, but vmap has no fast rule for it.)
         return torch.addmm(v, x2, self.weight.t()).view(*x.shape[:-1], self.out_features)
 
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, through the same (x Aᵀ) Bᵀ as LoRA: no (out, in) matrix per step."""
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2
+        scale = (self.lora_magnitude.to(self._precise) / self.weight_norm()).to(x.dtype)  # (out,): m / ‖W + s B A‖
+        u = F.linear(x2_drop, self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
+        v = torch.addmm(F.linear(u, self.lora_B), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
+        h = v * scale if self.bias is None else torch.addcmul(self.bias, v, scale)  # (N, out) ⊙ (out,) + b
+        if x2_drop is not x2:  # dropout acts on the adapter's input only, as in the paper's code and PEFT:
+            h = h + F.linear(x2 - x2_drop, self.weight)  # the base term keeps W x whole: + W (x - dropout(x))
+        return h.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + scaling · B A‖ of each row of the unmerged layer, (out,), at least float32: DoRA divides by it.
+
+        Expanded row by row, ‖w + s (B A)‖² = ‖w‖² + 2 s B·(W Aᵀ) + s² B·(B A Aᵀ), so that no (out, in) matrix
+        is built on every step, as the direct form would (PEFT's does). W Aᵀ is rounded to W's dtype, which moves
+        the norm by less than that dtype's roundoff times ‖s B A‖ / ‖W‖.
+        """
+        A, B = self.lora_A.to(self._precise), self.lora_B.to(self._precise)  # (r, in), (out, r)
+        w_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=self._precise).square()  # (out,)
+        w_at = F.linear(self.weight, self.lora_A).to(self._precise)  # (out, in) @ (in, r) -> (out, r)
+        b_aat = B @ (A @ A.T)  # (out, r) @ (r, r) -> (out, r)
+        s = self.scaling
+        return (w_sq + 2 * s * (B * w_at).sum(1) + s * s * (B * b_aat).sum(1)).clamp_min(0).sqrt()  # (out,)
+
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, the (out, in) update that merge() adds to W, in W's dtype."""
-        return self._delta_weight_fp32().to(self.weight.dtype)
+        """scaling · B A, the (out, in) update that LoRA's merge() adds to W, in W's dtype."""
+        return self._precise_delta_weight().to(self.weight.dtype)
 
-    def _delta_weight_fp32(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, r) @ (r, in) -> (out, in)
+    def _precise_delta_weight(self) -> torch.Tensor:
+        B, A = self.lora_B.to(self._precise), self.lora_A.to(self._precise)
+        return self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in)
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + scaling · B A, summed in float32 and cast to W's dtype; ValueError if not finite."""
-        w0 = self.weight if not self.merged else self.weight_before_merge
-        merged = (w0.float() + self._delta_weight_fp32()).to(self.weight.dtype)  # checked after the cast:
-        if not torch.isfinite(merged).all():                                    # float16 overflows at 65504
+    @torch.no_grad()
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the weight merge() writes, in W's dtype; DoRA's norm it divides by, else None); ValueError if it
+        is not finite."""
+        dtensor = sys.modules.get("torch.distributed.tensor")  # loaded wherever a tensor can be a DTensor
+        if dtensor is not None and isinstance(self.weight, dtensor.DTensor):
+            raise ValueError("the weight is sharded (a DTensor, e.g. under FSDP2's fully_shard), and a layer merged "
+                             "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
+                             "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                             "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
+        merged = self._precise_delta_weight().add_(self.weight)  # (out, in), float32 or wider: W + s B A
+        norm = None
+        if self.use_dora:
+            norm = torch.linalg.vector_norm(merged, dim=1)  # (out,): the precise W + s B A is here already
+            merged.mul_((self.lora_magnitude.to(self._precise) / norm)[:, None])  # each row rescaled to length m
+        merged = merged.to(self.weight.dtype)  # checked after the cast: float16 overflows at 65504
+        if not torch.isfinite(merged).all():
             raise ValueError(f"merging would put NaN or Inf into the {self.weight.dtype} weight; lora_A or lora_B "
                              f"has diverged (|A|max={self.lora_A.abs().max().item():g}, "
                              f"|B|max={self.lora_B.abs().max().item():g})")
-        return merged
+        return merged, norm
+
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor holding the adapted weight: W + scaling · B A (DoRA: each row rescaled to length m),
+        computed in float32 (float64 for a float64 layer) and cast to W's dtype; ValueError if not finite."""
+        return self.weight.detach().clone() if self.merged else self._fold()[0]
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W, so forward is one matmul. A no-op if already merged."""
+        """Fold the update into W in place, so forward is one matmul; no copy of W is kept. No-op if merged.
+
+        Rounding: W + ΔW (DoRA: scaled per row) is formed in float32 and rounded once to W's dtype, and
+        unmerge() rounds once more on the way back. So unmerge() returns W only to within, per element,
+            u·|W| + (u + k·2^-24)·|W + ΔW|     (+ 2^-24 in float16, near zero where it is subnormal)
+        u the unit roundoff of W's dtype (2^-24 float32, 2^-11 float16, 2^-8 bfloat16), k = 1 for LoRA and 3
+        for DoRA (float32 roundings of its row scale). disable_lora stays exact on unmerged layers; merged ones
+        it unmerges and merges again.
+        """
         if self.merged:
             return
-        merged = self.merged_weight()  # raises before anything changes
-        self.weight_before_merge = self.weight.detach().clone()
+        merged, norm = self._fold()  # raises before anything changes
+        if self.use_dora and (self.lora_magnitude == 0).any():
+            raise ValueError("lora_magnitude has zeros: merging would zero those rows of W for good, so unmerge() "
+                             "could not restore them (merge_lora, which never unmerges, can)")
         self.weight.copy_(merged)
+        self.merged_norm = norm
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore W exactly as it was before merge(). A no-op if not merged."""
+        """Take the update out of W again, up to the rounding merge() states. A no-op if not merged."""
         if not self.merged:
             return
-        self.weight.copy_(self.weight_before_merge)
-        self.weight_before_merge = None
+        w = self.weight.to(self._precise)  # (out, in); a float32 W is W itself, updated in place
+        if self.use_dora:
+            w.mul_((self.merged_norm / self.lora_magnitude.to(self._precise))[:, None])  # back to W + s B A
+        self.weight.copy_(w.sub_(self._precise_delta_weight()))
+        self.merged_norm = None
+        self.merged = False
+
+    # A merged layer's state_dict holds W + ΔW beside lora_A and lora_B. It says so (`lora_merged`, and DoRA's
+    # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + "lora_merged"] = torch.tensor(True)
+            if self.use_dora:
+                destination[prefix + "lora_merged_norm"] = self.merged_norm
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flags = (prefix + "lora_merged", prefix + "lora_merged_norm")
+        loads_weight = prefix + "weight" in state_dict
+        merged = flags[0] in state_dict
+        if loads_weight and merged and self.use_dora and flags[1] not in state_dict:
+            error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge it")
+            return
+        if self.merged and not loads_weight and any(prefix + n in state_dict for n in ADAPTER_NAMES):
+            error_msgs.append(f"layer {prefix[:-1]!r} is merged: loading its adapter without its weight would "
+                              "leave the old update in W; unmerge() it first")
+            return
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in flags]
+        if loads_weight and len(error_msgs) == errors_before:
+            self.merged = merged
+            self.merged_norm = (state_dict[flags[1]].to(self.weight.device, self._precise)
+                                if merged and self.use_dora else None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}")
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -184,7 +317,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str | Iterable[str] | None = None,
-             dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False) -> list[str]:
+             dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
+             use_dora: bool = False) -> list[str]:
     """Wrap in place every nn.Linear whose name matches `targets`; return the wrapped names in module order.
 
     Args:
@@ -192,7 +326,7 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
             ("encoder.0.query"), a last name component ("query") or a glob ("layers.*.attn.q_proj").
             Every target must match something, and everything it matches must be an nn.Linear.
     """
-    _check_hparams(r, alpha, dropout, init, use_rslora)
+    _check_hparams(r, alpha, dropout, init, use_rslora, use_dora)
     modules = dict(model.named_modules())
     if any(isinstance(m, LoRALinear) for m in modules.values()) and targets is None:
         raise ValueError("model already carries LoRA layers; add_lora(targets=None) would stack a second adapter "
@@ -216,21 +350,21 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
             matched.update(hits)
         names = [n for n in modules if n in matched]  # module order
     for n in names:
-        _check_base(modules[n], name=f"module {n!r}")
+        _check_base(modules[n], name=f"module {n!r}", use_dora=use_dora)
         if isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention):
             raise TypeError(f"module {n!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
                             "directly and would silently ignore the adapter; target other layers")
     for n in names:  # all checks passed: now change the model
-        _set_submodule(model, n, LoRALinear(modules[n], r, alpha, dropout, init, use_rslora))
+        _set_submodule(model, n, LoRALinear(modules[n], r, alpha, dropout, init, use_rslora, use_dora))
     return names
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except lora_A and lora_B (and biases: "all" of them, or "lora_only")."""
+    """Freeze every parameter except the adapters' (and biases: "all" of them, or "lora_only")."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES or
                          (bias == "all" and name.rsplit(".", 1)[-1] == "bias"))
     if bias == "lora_only":
         for _, layer in lora_layers(model):
@@ -238,34 +372,72 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                 layer.bias.requires_grad_(True)
 
 
+def _trained_biases(model: nn.Module) -> list[str]:
+    """The biases that train while the rest of their module, adapters aside, is frozen: those that
+    mark_only_lora_as_trainable(bias="all" | "lora_only") left trainable. A module trained in full is not here."""
+    names = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if ("bias" in own and own["bias"].requires_grad and
+                not any(p.requires_grad for n, p in own.items() if n not in ("bias", *ADAPTER_NAMES))):
+            names.append(f"{name}.bias" if name else "bias")
+    return names
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter only: every `<path>.lora_A` and `<path>.lora_B`, a few KB to MB instead of the whole model."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    """What LoRA fine-tuning changed, a few KB to MB instead of the whole model, for load_lora_state_dict.
+
+    Every `<path>.lora_A`, `<path>.lora_B` (and DoRA's `<path>.lora_magnitude`), the biases that
+    mark_only_lora_as_trainable(bias=...) left trainable, and each layer's hyperparameters as 0-dim tensors
+    `<path>.lora_alpha` and `<path>.lora_use_rslora` (r is lora_A's first dimension), so that loading into a
+    layer with another alpha fails instead of silently changing the update. A module trained in full
+    (a classifier head) is not an adapter: save its state_dict too, or use save_peft_adapter.
+    """
+    keep = {f"{n}.{p}" for n, layer in lora_layers(model) for p in ADAPTER_NAMES if hasattr(layer, p)}
+    keep.update(_trained_biases(model))
+    state = {k: v for k, v in model.state_dict().items() if k in keep}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
+        state[f"{name}.lora_use_rslora"] = torch.tensor(layer.use_rslora)
+    return state
 
 
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors into a model wrapped the same way; checks every key and shape before copying."""
+    """Load what lora_state_dict saved into a model wrapped the same way (same targets, r, alpha, use_rslora,
+    use_dora). Checks every key, shape and hyperparameter before copying anything."""
+    params = model.state_dict()
     own = lora_state_dict(model)
-    missing = sorted(own.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - own.keys())
+    required = {k for k in own if k.rsplit(".", 1)[-1] != "bias"}  # biases: whichever the adapter trained
+    missing = sorted(required - state_dict.keys())
+    unexpected = sorted(k for k in state_dict.keys() - required
+                        if not (k.rsplit(".", 1)[-1] == "bias" and k in params))
     if missing or unexpected:
         raise KeyError(f"adapter state_dict does not fit this model: missing keys {missing}, unexpected keys "
-                       f"{unexpected} (was add_lora called with the same targets?)")
+                       f"{unexpected} (was add_lora called with the same targets and use_dora?)")
+    for name, layer in lora_layers(model):
+        saved = (state_dict[f"{name}.lora_alpha"].item(), bool(state_dict[f"{name}.lora_use_rslora"]))
+        if saved != (layer.alpha, layer.use_rslora):
+            raise ValueError(f"layer {name!r}: the adapter was trained with alpha={saved[0]:g}, "
+                             f"use_rslora={saved[1]}; this layer has alpha={layer.alpha:g}, "
+                             f"use_rslora={layer.use_rslora} (add_lora with the adapter's alpha and use_rslora)")
     for k, v in state_dict.items():
-        if v.shape != own[k].shape:
+        target = params[k] if k in params else own[k]
+        if v.shape != target.shape:
             raise ValueError(f"shape mismatch for {k!r}: state_dict has {tuple(v.shape)}, "
-                             f"model has {tuple(own[k].shape)} (same r?)")
+                             f"model has {tuple(target.shape)} (same r?)")
     if merged := [n for n, layer in lora_layers(model) if layer.merged]:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
     for k, v in state_dict.items():
-        own[k].copy_(v)
+        if k in params:
+            params[k].copy_(v)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding W + scaling · B A; returns the model.
-
-    Every layer is checked before any is replaced, so a diverged adapter leaves the model as it was.
+    """Replace every LoRALinear by a plain nn.Linear holding its adapted weight, merged in place (no second copy
+    of W); returns the model. Every layer is checked before any is changed, so a diverged adapter leaves the
+    model as it was. The weights must be whole tensors: under FSDP2, merge an unsharded copy loaded from a full
+    state dict. (merge states the rounding.)
     """
     layers = list(lora_layers(model))
     for name, layer in layers:
@@ -275,10 +447,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
             raise ValueError(f"layer {name!r}: {e}") from None
     with torch.no_grad():
         for name, layer in layers:
-            weight = layer.weight if layer.merged else layer.merged_weight()
+            if not layer.merged:
+                layer.weight.copy_(layer._fold()[0])
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device="meta")  # no allocation: both parameters are replaced below
-            linear.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+            linear.weight = layer.weight
             linear.bias = layer.bias
             _set_submodule(model, name, linear)
     return model
@@ -286,7 +459,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_lora(model: nn.Module):
-    """Inside: the model computes exactly the base model's output, merged or not. On exit: as before."""
+    """Inside: the model computes the base model's output: exactly on unmerged layers; merged layers are
+    unmerged in place (up to merge's rounding) and merged again on exit. On exit: as before."""
     layers = [layer for _, layer in lora_layers(model)]
     state = [(layer, layer.enabled, layer.merged) for layer in layers]
     try:
@@ -305,3 +479,249 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --- Hugging Face PEFT's adapter format -----------------------------------------------------------------------
+# A folder with adapter_config.json (a LoraConfig) and adapter_model.safetensors, keyed
+#   base_model.model.<path>.lora_A.weight  (r, in)     base_model.model.<path>.lora_B.weight  (out, r)
+#   base_model.model.<path>.lora_magnitude_vector (out,), for DoRA
+#   base_model.model.<path>.base_layer.bias  for the bias of a LoRA layer, <path>.bias for any other bias
+#   base_model.model.<module>.<name>  for each tensor of a module in modules_to_save
+# PEFT selects target_modules by regex (a string, matching the whole name) or by list (the whole name or its
+# dotted end), modules_to_save by name suffix, and rank_pattern/alpha_pattern keys by regex on the name's end.
+
+PEFT_PREFIX = "base_model.model."
+_PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
+              "use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+_PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+                     "inference_mode", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+                     "corda_config", "lora_ga_config", "runtime_config"}  # no effect on a loaded adapter
+_PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others change W or the layer (pissa, loftq, ...)
+
+
+def _peft_selects(targets: str | list[str], name: str) -> bool:
+    """Whether PEFT's target_modules (or exclude_modules) select the module called `name`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _peft_pattern(patterns: dict, name: str, default):
+    """The value PEFT's rank_pattern or alpha_pattern gives module `name`: the first key matching its end."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+def _peft_trained(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[str, list[str]]:
+    """(PEFT's `bias` setting, its `modules_to_save`) for what is trainable in the model besides the adapters."""
+    modules_to_save = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, LoRALinear) and module.weight.requires_grad:
+            raise ValueError(f"layer {name!r} trains its base weight W, which PEFT's format cannot hold "
+                             "(mark_only_lora_as_trainable freezes it)")
+        if not isinstance(module, LoRALinear) and any(p.requires_grad for n, p in own.items() if n != "bias"):
+            if frozen := [n for n, p in own.items() if not p.requires_grad]:
+                raise ValueError(f"module {name!r} trains some of its parameters but not {frozen}; PEFT saves a "
+                                 "module trained in full (modules_to_save) or only the biases")
+            modules_to_save.append(name)
+    trained = set(_trained_biases(model))
+    lora_only = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
+    every = {f"{n}.bias" for n, m in model.named_modules()
+             if isinstance(getattr(m, "bias", None), nn.Parameter) and n not in modules_to_save}
+    for mode, biases in (("none", set()), ("lora_only", lora_only), ("all", every)):
+        if trained == biases:
+            return mode, modules_to_save
+    raise ValueError(f"the trainable biases {sorted(trained)} are neither every bias (PEFT's bias='all') nor those "
+                     "of the LoRA layers ('lora_only'): set them with mark_only_lora_as_trainable(bias=...)")
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the model's adapter as PEFT does, so PeftModel.from_pretrained(base, directory) reproduces its outputs.
+
+    adapter_config.json: r and lora_alpha are the most common values, rank_pattern and alpha_pattern name the
+    layers that differ; `bias` ("none", "all", "lora_only") is read off the trainable biases; every other module
+    with trainable parameters (a classifier head trained in full) becomes `modules_to_save`.
+    adapter_model.safetensors: the tensors, named as PEFT names them. Everything is checked before writing.
+    """
+    from safetensors.torch import save_file
+
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA layers to save (call add_lora first)")
+    if merged := [n for n, layer in layers.items() if layer.merged]:
+        raise ValueError(f"layers {merged} are merged, so their weight is not the base model's: unmerge() them")
+    for setting in ("use_rslora", "use_dora", "dropout"):
+        if len({getattr(layer, setting) for layer in layers.values()}) > 1:
+            raise ValueError(f"PEFT's format holds one {setting} for all layers, but they differ: "
+                             f"{ {n: getattr(layer, setting) for n, layer in layers.items()} }")
+    bias, modules_to_save = _peft_trained(model, layers)
+    names = [n for n, _ in model.named_modules() if n]
+    for t in modules_to_save:
+        if others := [n for n in names if n.endswith(t) and n != t]:
+            raise ValueError(f"PEFT picks modules_to_save by the end of the name, so {t!r} would also pick {others}")
+    targets = list(layers)
+    if {n for n in names if _peft_selects(targets, n)} != set(targets):  # a name is the dotted end of another
+        targets = "(" + "|".join(map(re.escape, layers)) + ")"
+    ranks, alphas = [layer.r for layer in layers.values()], [layer.alpha for layer in layers.values()]
+    r, alpha = max(ranks, key=ranks.count), max(alphas, key=alphas.count)
+    number = lambda a: int(a) if float(a).is_integer() else a
+    first = next(iter(layers.values()))
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": r, "lora_alpha": number(alpha), "target_modules": targets, "lora_dropout": first.dropout,
+              "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": bias,
+              "modules_to_save": modules_to_save or None, "fan_in_fan_out": False, "init_lora_weights": True,
+              "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
+              "alpha_pattern": {"^" + re.escape(n): number(layer.alpha) for n, layer in layers.items()
+                                if layer.alpha != alpha}}
+    tensors = {}
+    for n, layer in layers.items():
+        tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = layer.lora_A, layer.lora_B
+        if layer.use_dora:
+            tensors[f"{n}.lora_magnitude_vector"] = layer.lora_magnitude
+    if bias != "none":
+        for key in _trained_biases(model):
+            path = key.rpartition(".")[0]
+            tensors[f"{path}.base_layer.bias" if path in layers else key] = model.get_parameter(key)
+    for m in modules_to_save:
+        tensors.update({f"{m}.{k}": v for k, v in model.get_submodule(m).state_dict().items()})
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_peft_config(config: dict, folder: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type {config.get('peft_type')!r} is not supported, only 'LORA' (LoRA and DoRA)")
+    if unsupported := {k: v for k, v in config.items()
+                       if k not in _PEFT_READ | _PEFT_BOOKKEEPING and v not in (None, False, {}, [], "")}:
+        raise ValueError(f"adapter settings {unsupported} are not supported: load_peft_adapter honours "
+                         f"{sorted(_PEFT_READ)} and needs every other setting at its default")
+    if config.get("init_lora_weights", True) not in _PEFT_INITS:
+        raise ValueError(f"init_lora_weights={config['init_lora_weights']!r} is not supported: it changes the base "
+                         f"weights or the layer; accepted: {_PEFT_INITS}")
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise ValueError(f"bias={config['bias']!r} is not supported; accepted: {BIAS_MODES}")
+    if others := sorted(p.parent.name for p in folder.glob("*/adapter_config.json")):
+        raise ValueError(f"{folder} holds several adapters (also {others}); load one adapter's folder")
+
+
+def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple[dict, dict]:
+    """PEFT's tensors sorted: ({LoRA module: {"lora_A" | "lora_B" | "lora_magnitude": tensor}},
+    {our state_dict key: tensor} for biases and modules_to_save)."""
+    adapters, loads, base_layer_biases = {}, {}, set()
+    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
+    for key, t in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"tensor {key!r} does not start with {PEFT_PREFIX!r}, as PEFT's names do")
+        k = key[len(PEFT_PREFIX):]
+        suffix = next((s for s in parts if k.endswith(s)), None)
+        owner = next((m for m in to_save if k.startswith(m + ".")), None)
+        if suffix is not None:
+            adapters.setdefault(k[:-len(suffix)], {})[parts[suffix]] = t
+        elif owner is not None and k[len(owner) + 1:].startswith(("modules_to_save.", "original_module.")):
+            continue  # PEFT's bias="all" also writes these copies of the module's biases
+        elif k.endswith(".base_layer.bias"):
+            base_layer_biases.add(k.removesuffix(".base_layer.bias"))
+            loads[k.removesuffix(".base_layer.bias") + ".bias"] = t
+        elif owner is not None or k.endswith(".bias"):
+            loads[k] = t
+        else:
+            raise ValueError(f"tensor {key!r} is neither lora_A, lora_B, lora_magnitude_vector, a bias, nor part "
+                             f"of a module in modules_to_save {config.get('modules_to_save')}")
+    if not adapters:
+        raise ValueError("the adapter holds no lora_A or lora_B tensors")
+    if odd := base_layer_biases ^ {k[:-5] for k in loads if k.endswith(".bias") and k[:-5] in adapters}:
+        raise ValueError(f"biases of {sorted(odd)}: PEFT names the bias of a LoRA layer <path>.base_layer.bias and "
+                         "any other <path>.bias")
+    return adapters, loads
+
+
+def _check_peft_layer(modules: dict, name: str, got: dict, config: dict) -> tuple[int, float]:
+    """(r, alpha) for LoRA module `name` of the adapter, after checking that the model can take it."""
+    use_dora, targets = bool(config.get("use_dora")), config.get("target_modules")
+    if name not in modules:
+        raise ValueError(f"the adapter has tensors for module {name!r}, which the model lacks")
+    _check_base(modules[name], name=f"module {name!r}", use_dora=use_dora)
+    if isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention):
+        raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which ignores adapters")
+    need = ("lora_A", "lora_B", "lora_magnitude") if use_dora else ("lora_A", "lora_B")
+    if missing := [p for p in need if p not in got]:
+        raise ValueError(f"module {name!r}: the adapter lacks its {missing} (use_dora={use_dora})")
+    if extra := [p for p in got if p not in need]:
+        raise ValueError(f"module {name!r}: the adapter has {extra}, which use_dora={use_dora} does not use")
+    r = _peft_pattern(config.get("rank_pattern") or {}, name, config.get("r", 8))
+    alpha = _peft_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    out_features, in_features = modules[name].weight.shape
+    shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "lora_magnitude": (out_features,)}
+    for p, t in got.items():
+        if tuple(t.shape) != shapes[p]:
+            raise ValueError(f"module {name!r}: {p} has shape {tuple(t.shape)}, but r={r} and the layer's "
+                             f"{in_features} -> {out_features} need {shapes[p]}")
+    try:
+        _check_hparams(r, alpha, config.get("lora_dropout", 0.0), "kaiming", bool(config.get("use_rslora")),
+                       use_dora)
+    except ValueError as e:
+        raise ValueError(f"module {name!r}: {e}") from None
+    if targets not in (None, "all-linear") and not _peft_selects(targets, name):
+        raise ValueError(f"the adapter has tensors for {name!r}, which its target_modules {targets!r} do not select")
+    if config.get("exclude_modules") and _peft_selects(config["exclude_modules"], name):
+        raise ValueError(f"the adapter has tensors for {name!r}, which its exclude_modules select")
+    return r, alpha
+
+
+def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save: list[str], config: dict) -> None:
+    """Every module the adapter selects has its tensors, and every other tensor has a place of its shape."""
+    modules, state, targets = dict(model.named_modules()), model.state_dict(), config.get("target_modules")
+    if targets not in (None, "all-linear"):
+        if missing := [n for n, m in modules.items() if n and n not in adapters and n not in to_save
+                       and isinstance(m, nn.Linear) and _peft_selects(targets, n)]:
+            raise ValueError(f"target_modules {targets!r} select {missing}, but the adapter has no tensors for them")
+    for m in to_save:
+        if missing := [f"{m}.{k}" for k in modules[m].state_dict() if f"{m}.{k}" not in loads]:
+            raise ValueError(f"modules_to_save module {m!r}: the adapter lacks {missing}")
+    for k, t in loads.items():
+        if k not in state:
+            raise ValueError(f"the adapter has tensor {k!r}, which the model lacks")
+        if t.shape != state[k].shape:
+            raise ValueError(f"tensor {k!r} has shape {tuple(t.shape)}; the model's has {tuple(state[k].shape)}")
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load a PEFT LoRA/DoRA adapter folder into a model without LoRA; returns the wrapped names in module order.
+
+    Wraps the layers the adapter has tensors for and loads A, B, DoRA's magnitudes, biases and modules_to_save;
+    then leaves trainable what PEFT's get_peft_model would (adapters, the biases of `bias`, modules_to_save).
+    Every setting, key and shape is checked before the model changes; on any error it is left as it was.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    _check_peft_config(config, folder)
+    if existing := [n for n, _ in lora_layers(model)]:
+        raise ValueError(f"model already carries LoRA layers {existing}; load_peft_adapter adds one adapter to a "
+                         "model without LoRA")
+    modules = dict(model.named_modules())
+    to_save = [n for n in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
+    adapters, loads = _sort_peft_tensors(tensors, to_save, config)
+    hparams = {name: _check_peft_layer(modules, name, got, config) for name, got in adapters.items()}
+    _check_peft_coverage(model, adapters, loads, to_save, config)
+
+    names = [n for n in modules if n in adapters]  # all checks passed: now change the model
+    state = model.state_dict()
+    with torch.no_grad():
+        for n in names:
+            layer = LoRALinear(modules[n], *hparams[n], dropout=config.get("lora_dropout", 0.0),
+                               use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+            for p, t in adapters[n].items():
+                getattr(layer, p).copy_(t)
+            _set_submodule(model, n, layer)
+        for k, t in loads.items():
+            state[k].copy_(t)
+    mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))
+    for m in to_save:
+        modules[m].requires_grad_(True)
+    return names

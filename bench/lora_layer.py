@@ -1,15 +1,18 @@
 """Question 4: LoRALinear at the shapes people copy it into, on a GPU: d_in = d_out = 4096, 16k tokens, bf16.
 
     python bench/lora_layer.py            # needs CUDA and, for the comparison, peft (a benchmark-only dependency)
+    python bench/lora_layer.py --dora     # the same training step for DoRA, against PEFT's use_dora=True layer
 
 Training step (forward + backward, input requiring grad as inside a network) for (a) a frozen nn.Linear,
 (b) our unmerged LoRALinear, (c) PEFT's LoRA Linear with the same r, alpha, dropout and bf16 adapter weights;
 peak memory above what the step starts with; and inference of our merged layer against nn.Linear.
+With --dora, (b) and (c) are the DoRA layers (bf16 magnitudes too), next to our LoRA step for its overhead.
 Medians of CUDA-event timings over many repeats, the same input tensors for every layer.
 """
 
 import argparse
 import copy
+import sys
 
 import torch
 import torch.nn as nn
@@ -61,9 +64,9 @@ class Holder(nn.Module):
         self.proj = linear
 
 
-def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
+def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False) -> nn.Module:
     import peft
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], use_dora=use_dora)
     # autocast_adapter_dtype=False keeps PEFT's adapter in bf16 like ours (its default upcasts it to float32)
     model = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
@@ -72,11 +75,27 @@ def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Modu
     return layer.train()
 
 
-def ours(base: nn.Linear, r: int, alpha: float, dropout: float) -> lora.LoRALinear:
-    layer = lora.LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout)
+def ours(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False) -> lora.LoRALinear:
+    layer = lora.LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
     return layer.train()
+
+
+def dora_rows(base: nn.Linear, x: torch.Tensor, gy: torch.Tensor, ranks: list[int], repeats: int,
+              frozen_ms: float) -> list[list]:
+    """One table row per (r, dropout): the DoRA training step, ours against PEFT's, and our LoRA step beside it."""
+    rows = []
+    for r in ranks:
+        for dropout in (0.0, 0.1):
+            layers = {"lora": ours(base, r, 2 * r, dropout), "ours": ours(base, r, 2 * r, dropout, use_dora=True),
+                      "peft": peft_layer(base, r, 2 * r, dropout, use_dora=True)}
+            ms = {k: cuda_ms(train_step(m, x, gy), repeats) for k, m in layers.items()}
+            mem = {k: peak_mib(train_step(m, x, gy)) for k, m in layers.items() if k != "lora"}
+            rows.append([r, dropout, f"{frozen_ms:.3f}", f"{ms['lora']:.3f}", f"{ms['ours']:.3f}",
+                         f"{ms['peft']:.3f}", f"**{ms['ours'] / ms['peft']:.2f}x**",
+                         f"{ms['ours'] / ms['lora']:.2f}x", f"{mem['ours']:.0f}", f"{mem['peft']:.0f}"])
+    return rows
 
 
 def main():
@@ -84,7 +103,10 @@ def main():
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     p.add_argument("--profile", action="store_true", help="also print the CUDA kernels of one step at r=16")
+    p.add_argument("--dora", action="store_true", help="time DoRA (use_dora=True) against PEFT's DoRA instead")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/lora_layer.py times CUDA kernels: it needs a CUDA GPU")
     import peft
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -93,6 +115,21 @@ def main():
     gy = torch.randn(TOKENS, D, device=dev, dtype=torch.bfloat16)
     frozen_ms = cuda_ms(train_step(base, x, gy), args.repeats)
     frozen_mem = peak_mib(train_step(base, x, gy))
+    if args.dora:
+        body = table(["r", "dropout", "frozen nn.Linear (ms)", "ours LoRA (ms)", "ours DoRA (ms)", "PEFT DoRA (ms)",
+                      "ours / PEFT", "DoRA / LoRA (ours)", "peak MiB ours DoRA", "peak MiB PEFT DoRA"],
+                     dora_rows(base, x, gy, args.ranks, args.repeats, frozen_ms))
+        body += (f"\n\nd_in = d_out = {D}, {TOKENS} tokens, bf16, alpha = 2r, medians of {args.repeats} CUDA-event "
+                 f"timings of forward + backward; peak memory above the memory held before the step. "
+                 f"PEFT {peft.__version__}, adapter weights and magnitudes kept in bf16.")
+        record("4b. DoRA: LoRALinear(use_dora=True) against PEFT's DoRA Linear", body, dev)
+    else:
+        train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft.__version__, dev)
+    if args.profile:
+        profile(base, x, gy, args.dora)
+
+
+def train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft_version, dev) -> None:
     rows = []
     for r in args.ranks:
         for dropout in (0.0, 0.1):
@@ -116,23 +153,28 @@ def main():
             m_ms, d_ms = cuda_ms(lambda: merged(xi), args.repeats), cuda_ms(lambda: deployed(xi), args.repeats)
             infer.append([r, f"{linear_ms:.3f}", f"{m_ms:.3f}", f"**{m_ms / linear_ms:.3f}x**", f"{d_ms:.3f}"])
     body += ("\n\nInference (no grad), merged:\n\n" +
-             table(["r", "nn.Linear (ms)", "LoRALinear.merge() (ms)", "merged / nn.Linear", "merge_lora (ms)"], infer))
+             table(["r", "nn.Linear (ms)", "LoRALinear.merge() (ms)", "merged / nn.Linear", "merge_lora (ms)"],
+                   infer))
     body += (f"\n\nd_in = d_out = {D}, {TOKENS} tokens, bf16, alpha = 2r, medians of {args.repeats} CUDA-event "
              f"timings; peak memory is above the memory held before the step (weights, input, output grad). "
-             f"PEFT {peft.__version__}, adapter weights kept in bf16.")
+             f"PEFT {peft_version}, adapter weights kept in bf16.")
     record("4. LoRALinear against PEFT's LoRA Linear and a frozen nn.Linear", body, dev)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        for name, layer in (("frozen nn.Linear", base), ("ours r=16", ours(base, 16, 32, 0.0)),
-                            ("PEFT r=16", peft_layer(base, 16, 32, 0.0))):
-            step = train_step(layer, x, gy)
-            step()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    step()
-                torch.cuda.synchronize()
-            print(f"\n{name}, 10 steps:")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+def profile(base, x, gy, use_dora: bool) -> None:
+    """Print the CUDA kernels of 10 training steps at r=16: frozen, ours, PEFT (DoRA layers with use_dora)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    kind = "DoRA" if use_dora else "LoRA"
+    for name, layer in (("frozen nn.Linear", base), (f"ours {kind} r=16", ours(base, 16, 32, 0.0, use_dora)),
+                        (f"PEFT {kind} r=16", peft_layer(base, 16, 32, 0.0, use_dora))):
+        step = train_step(layer, x, gy)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n{name}, 10 steps:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

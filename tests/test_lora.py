@@ -1,4 +1,4 @@
-"""lora.py against its contract (issue 2). Each test name states the property; CPU, seconds."""
+"""lora.py against its contract (issues 2 and 10). Each test name states the property; CPU, seconds."""
 
 import copy
 import math
@@ -27,11 +27,13 @@ def mlp(seed=0, dtype=torch.float32):
 
 
 def trained_layer(r=4, alpha=None, dtype=torch.float32, seed=0, **kw):
-    """A LoRALinear whose B is no longer zero, as after some training."""
+    """A LoRALinear whose B is no longer zero (and, for DoRA, whose magnitude moved), as after some training."""
     torch.manual_seed(seed)
     layer = LoRALinear(nn.Linear(32, 24).to(dtype), r=r, alpha=alpha, **kw)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)
+        if layer.use_dora:
+            layer.lora_magnitude.mul_(torch.empty_like(layer.lora_magnitude).uniform_(0.5, 1.5))
     return layer
 
 
@@ -196,7 +198,7 @@ def test_gradcheck_of_the_lora_branch_in_float64():
 # --- merge -----------------------------------------------------------------------------------------------
 
 def test_merged_output_matches_unmerged_in_float32():
-    layer = trained_layer(r=8, alpha=16)
+    layer = trained_layer(r=8, alpha=16).eval()
     x = torch.randn(16, 32)
     unmerged = layer(x)
     layer.merge()
@@ -205,7 +207,7 @@ def test_merged_output_matches_unmerged_in_float32():
 
 
 def test_merged_output_matches_unmerged_in_bfloat16():
-    layer = trained_layer(r=8, alpha=16, dtype=torch.bfloat16)
+    layer = trained_layer(r=8, alpha=16, dtype=torch.bfloat16).eval()
     x = torch.randn(16, 32, dtype=torch.bfloat16)
     unmerged = layer(x)
     exact = closed_form(layer, x)
@@ -222,8 +224,9 @@ def test_delta_weight_is_scaling_times_B_A():
     assert layer.delta_weight().shape == (24, 32)
 
 
-def test_merge_twice_is_merge_once_and_unmerge_restores_the_weight():
-    layer = trained_layer()
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_twice_is_merge_once_and_unmerge_restores_the_weight_up_to_rounding(use_dora):
+    layer = trained_layer(use_dora=use_dora)
     w0 = layer.weight.detach().clone()
     layer.merge()
     once = layer.weight.detach().clone()
@@ -232,9 +235,10 @@ def test_merge_twice_is_merge_once_and_unmerge_restores_the_weight():
     assert not torch.equal(once, w0)
     layer.unmerge()
     assert not layer.merged
-    assert torch.equal(layer.weight, w0)
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)  # no copy kept: the bound is tested below
+    after = layer.weight.detach().clone()
     layer.unmerge()  # no-op
-    assert torch.equal(layer.weight, w0)
+    assert torch.equal(layer.weight, after)
 
 
 def test_merge_refuses_nan_or_inf_and_leaves_the_weight_untouched():
@@ -287,24 +291,28 @@ def test_merge_lora_with_one_diverged_layer_changes_nothing():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
 
 
-def test_disable_lora_gives_exactly_the_base_output_merged_or_not():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_disable_lora_gives_exactly_the_base_output_unmerged_and_up_to_rounding_merged(use_dora):
     base = mlp().eval()
     x = torch.randn(8, 784)
     expected = base(x)
     model = copy.deepcopy(base)
-    lora.add_lora(model, r=4)
+    lora.add_lora(model, r=4, use_dora=use_dora)
     for _, layer in lora.lora_layers(model):
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.1)
     adapted = model(x)
     assert not torch.equal(adapted, expected)
-    for merge in (False, True):
-        if merge:
-            model[0].merge()  # a mix: one layer merged, two not
-        with lora.disable_lora(model):
-            assert torch.equal(model(x), expected)
-        assert model[0].merged == merge and model[2].enabled
-        assert rel_err(model(x), adapted) < 1e-5
+    with lora.disable_lora(model):
+        assert torch.equal(model(x), expected)  # the enabled switch: exact
+    assert all(layer.enabled and not layer.merged for _, layer in lora.lora_layers(model))
+    assert torch.equal(model(x), adapted)
+    model[0].merge()  # a mix: one layer merged, two not
+    with lora.disable_lora(model):
+        assert not model[0].merged
+        assert 0 < rel_err(model(x), expected) < 1e-6  # unmerged in place: W comes back up to rounding
+    assert model[0].merged and model[2].enabled
+    assert rel_err(model(x), adapted) < 1e-5
 
 
 def test_disable_lora_restores_state_after_an_exception():
@@ -315,6 +323,218 @@ def test_disable_lora_restores_state_after_an_exception():
         with lora.disable_lora(model):
             raise RuntimeError("boom")
     assert model[2].merged and all(layer.enabled for _, layer in lora.lora_layers(model))
+
+
+# --- DoRA ------------------------------------------------------------------------------------------------
+
+def dora_reference(x, W, b, A, B, m, scaling, norm_constant=True):
+    """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, from the paper's formula (not from lora.py); the norm held constant
+    in backward (paper, section 4.3) unless norm_constant=False."""
+    V = W + scaling * B @ A  # (out, in)
+    norm = V.norm(dim=1, keepdim=True)  # (out, 1), over the input dimension
+    return x @ (m[:, None] * V / (norm.detach() if norm_constant else norm)).T + b
+
+
+def float64_tensors(layer):
+    """W, b (0 if none), A, B, m of a DoRA layer, in float64."""
+    tensors = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    return [0.0 if t is None else t.detach().double() for t in tensors]
+
+
+def test_dora_magnitude_starts_at_the_row_norms_of_W_so_the_output_starts_at_the_base_model():
+    base = nn.Linear(20, 7)
+    x = torch.randn(5, 3, 20)
+    expected = base(x)
+    layer = LoRALinear(base, r=4, alpha=8, use_dora=True).train()
+    assert layer.lora_magnitude.shape == (7,) and layer.lora_magnitude.requires_grad
+    torch.testing.assert_close(layer.lora_magnitude, base.weight.detach().norm(dim=1), rtol=1e-6, atol=0)
+    assert torch.equal(layer.lora_B, torch.zeros(7, 4))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-7)  # m / ‖W‖ = 1 up to one rounding
+
+
+@pytest.mark.parametrize("bias, use_rslora", [(True, False), (False, False), (True, True)])
+def test_dora_forward_equals_the_float64_closed_form(bias, use_rslora):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 24, bias=bias), r=4, alpha=8, use_rslora=use_rslora, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        layer.lora_magnitude.mul_(torch.empty(24).uniform_(0.5, 1.5))
+    x = torch.randn(3, 5, 32)  # any leading dims
+    W, b, A, B, m = float64_tensors(layer)
+    out = layer(x)
+    assert out.shape == (3, 5, 24)
+    assert rel_err(out, dora_reference(x.double(), W, b, A, B, m, layer.scaling)) < 1e-6
+
+
+def test_dora_weight_norm_equals_the_direct_row_norm_in_float64():
+    layer = trained_layer(r=4, alpha=8, use_dora=True)
+    W, _, A, B, _ = float64_tensors(layer)
+    direct = (W + layer.scaling * B @ A).norm(dim=1)  # builds the (out, in) matrix, as the expansion avoids
+    assert layer.weight_norm().dtype == torch.float32
+    assert rel_err(layer.weight_norm(), direct) < 1e-6
+
+
+def test_dora_gradients_equal_the_float64_closed_form_with_the_norm_held_constant():
+    layer = trained_layer(r=3, alpha=6, use_dora=True).double()
+    x = torch.randn(6, 32, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(6, 24, dtype=torch.float64)
+    layer(x).backward(gy)
+    ours = [layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad, x.grad]
+    W, b, *adapter = float64_tensors(layer)
+    for norm_constant in (True, False):
+        leaves = [t.clone().requires_grad_() for t in adapter + [x.detach()]]
+        A, B, m, xr = leaves
+        dora_reference(xr, W, b, A, B, m, layer.scaling, norm_constant).backward(gy)
+        if norm_constant:
+            for got, want in zip(ours, [t.grad for t in leaves]):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        else:  # the test can tell: differentiating the norm changes the gradient of B
+            assert not torch.allclose(ours[1], B.grad, rtol=1e-3, atol=0)
+
+
+def test_dora_dropout_drops_only_the_adapter_input_as_the_paper_code_and_peft(monkeypatch):
+    layer = trained_layer(r=4, alpha=8, dropout=0.5, use_dora=True).train()
+    x = torch.randn(16, 32)
+    mask = (torch.rand(16, 32) > 0.5).float() * 2  # a fixed dropout mask, so the reference can use it
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda t, p, training: t * mask if training else t)
+    W, b, A, B, m = float64_tensors(layer)
+    x64, x_drop = x.double(), (x * mask).double()
+    n = (W + layer.scaling * B @ A).norm(dim=1)
+    # W x + b + (m/n - 1) ⊙ W x_drop + (m/n) ⊙ s B A x_drop
+    expected = x64 @ W.T + b + (m / n - 1) * (x_drop @ W.T) + (m / n) * layer.scaling * (x_drop @ A.T @ B.T)
+    assert rel_err(layer(x), expected) < 1e-6
+    layer.eval()
+    assert rel_err(layer(x), dora_reference(x64, W, b, A, B, m, layer.scaling)) < 1e-6
+
+
+def test_dora_merge_writes_the_closed_form_weight_and_keeps_the_output():
+    layer = trained_layer(r=4, alpha=8, use_dora=True).eval()
+    W, _, A, B, m = float64_tensors(layer)
+    V = W + layer.scaling * B @ A
+    x = torch.randn(16, 32)
+    unmerged = layer(x)
+    assert rel_err(layer.merged_weight(), m[:, None] * V / V.norm(dim=1, keepdim=True)) < 1e-6
+    layer.merge()
+    assert rel_err(layer.weight.norm(dim=1), m) < 1e-6  # each row now has length m
+    assert rel_err(layer(x), unmerged) < 1e-5
+
+
+def test_dora_adds_out_features_trainable_parameters_per_layer():
+    model = mlp()
+    lora.add_lora(model, r=2, use_dora=True)
+    lora.mark_only_lora_as_trainable(model)
+    assert lora.count_parameters(model) == (2 * 1_045 + (64 + 64 + 5), 54_725 + 2 * 1_045 + 133)
+    assert list(model[4].state_dict()) == ["weight", "bias", "lora_A", "lora_B", "lora_magnitude"]
+
+
+def test_dora_refuses_a_weight_with_an_all_zero_row():
+    def zero_row():
+        model = Tiny()
+        with torch.no_grad():
+            model.layers[1].key.weight[3] = 0
+        return model
+    unchanged(zero_row, lambda m: lora.add_lora(m, r=2, use_dora=True), ValueError,
+              r"'layers.1.key' has all-zero rows \[3\].*use_dora=True")
+    lora.add_lora(zero_row(), r=2)  # plain LoRA does not divide by the norm
+
+
+# --- merging in place -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_changes_W_in_place_and_keeps_no_copy_of_it(use_dora):
+    layer = trained_layer(use_dora=use_dora)
+    pointer = layer.weight.data_ptr()
+    layer.merge()
+    assert layer.weight.data_ptr() == pointer
+    assert not hasattr(layer, "weight_before_merge")
+    # DoRA keeps the (out,) norm it divided by, to undo it; nothing of W's size
+    assert [tuple(b.shape) for b in layer.buffers()] == ([(24,)] if use_dora else [])
+
+
+UNIT_ROUNDOFF = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+def test_merge_rounds_once_and_unmerge_restores_W_within_the_documented_bound(dtype, use_dora):
+    u, u32, r = UNIT_ROUNDOFF[dtype], 2**-24, 8
+    k = 3 if use_dora else 1  # as merge's docstring states
+    tiny = 2**-24 if dtype == torch.float16 else 0  # float16's subnormal spacing near zero
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = LoRALinear(nn.Linear(64, 48).to(dtype), r=r, alpha=2 * r, use_dora=use_dora)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05)
+            if use_dora:
+                layer.lora_magnitude.mul_(torch.empty(48).uniform_(0.8, 1.2).to(dtype))
+        W, _, A, B = (t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B))
+        V = W + layer.scaling * B @ A  # W + ΔW, exact
+        factor = layer.lora_magnitude.double()[:, None] / V.norm(dim=1, keepdim=True) if use_dora else 1
+        layer.merge()
+        # merge: one rounding of the exact weight to `dtype`, plus float32's in forming s B A (r + 1) and the rest
+        merge_bound = (u + k * u32) * (factor * V).abs() + (r + 1) * u32 * layer.scaling * (B.abs() @ A.abs()) \
+            * factor + tiny
+        assert ((layer.weight.double() - factor * V).abs() <= merge_bound).all()
+        layer.unmerge()
+        assert ((layer.weight.double() - W).abs() <= u * W.abs() + (u + k * u32) * V.abs() + 2 * tiny).all()
+
+
+def test_a_merged_layer_refuses_to_train_and_says_how():
+    layer = trained_layer().train()
+    x = torch.randn(3, 32)
+    layer.merge()
+    with pytest.raises(RuntimeError, match=r"merged.*no gradient.*unmerge\(\)"):
+        layer(x)
+    with torch.no_grad():
+        layer(x)  # inference is fine, in either mode
+    layer.eval()(x)
+    layer.train().requires_grad_(False)
+    layer(x)  # nothing of the adapter trains: nothing is lost
+    layer.unmerge()
+    layer.lora_B.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_merged_state_dict_loads_into_a_fresh_wrapped_model_without_applying_the_update_twice(tmp_path, use_dora):
+    model = mlp().eval()
+    lora.add_lora(model, r=4, use_dora=use_dora)
+    for _, layer in lora.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(8, 784)
+    expected = model(x)
+    base_W = model[0].weight.detach().clone()
+    model[0].merge()
+    model[4].merge()
+    sd = model.state_dict()
+    assert sd["0.lora_merged"] and "2.lora_merged" not in sd
+    assert ("0.lora_merged_norm" in sd) == use_dora
+    torch.save(sd, tmp_path / "merged.pt")
+
+    fresh = mlp(seed=1).eval()
+    lora.add_lora(fresh, r=4, use_dora=use_dora)
+    assert fresh.load_state_dict(torch.load(tmp_path / "merged.pt")) is not None  # strict: every key accounted for
+    assert [fresh[i].merged for i in (0, 2, 4)] == [True, False, True]
+    assert rel_err(fresh(x), expected) < 1e-6
+    fresh[0].unmerge()
+    torch.testing.assert_close(fresh[0].weight, base_W, rtol=0, atol=1e-6)
+    assert rel_err(fresh(x), expected) < 1e-5
+
+    fresh[0].merge()
+    unmerged_sd = mlp().state_dict()  # a plain base checkpoint: loading it leaves the layers unmerged
+    fresh.load_state_dict(unmerged_sd, strict=False)
+    assert not any(layer.merged for _, layer in lora.lora_layers(fresh))
+
+
+def test_loading_only_the_adapter_into_a_merged_layer_is_refused():
+    model = mlp()
+    lora.add_lora(model, r=4)
+    model[0].merge()
+    adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    with pytest.raises(RuntimeError, match="layer '0' is merged.*unmerge"):
+        model.load_state_dict(adapter, strict=False)
 
 
 # --- state dicts -----------------------------------------------------------------------------------------
@@ -347,7 +567,7 @@ def test_adapter_round_trip_into_a_freshly_wrapped_model_reproduces_outputs(tmp_
         with torch.no_grad():
             layer.lora_B.normal_()
     sd = lora.lora_state_dict(model)
-    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B")}
+    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
     torch.save(sd, tmp_path / "adapter.pt")
     fresh = mlp()  # same base weights (same seed), new random adapter
     lora.add_lora(fresh, r=4)
@@ -371,11 +591,79 @@ def test_load_lora_state_dict_refuses_bad_input_and_changes_nothing():
     wrong = {**good, "0.lora_A": torch.zeros(8, 784)}
     with pytest.raises(ValueError, match=r"0\.lora_A.*\(8, 784\).*\(4, 784\)"):
         lora.load_lora_state_dict(model, wrong)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     model[0].merge()
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="merged"):
         lora.load_lora_state_dict(model, good)
-    model[0].unmerge()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bias, biases", [
+    ("none", set()),
+    ("lora_only", {"layers.0.query.bias", "layers.1.query.bias"}),
+    ("all", {f"layers.{i}.{n}.bias" for i in (0, 1) for n in ("query", "key", "value", "norm")} | {"head.bias"}),
+])
+def test_lora_state_dict_keeps_the_biases_mark_only_lora_as_trainable_trains(bias, biases):
+    model = Tiny()
+    lora.add_lora(model, r=2, targets="query", alpha=4)
+    lora.mark_only_lora_as_trainable(model, bias=bias)
+    sd = lora.lora_state_dict(model)
+    adapter = {f"layers.{i}.query.{n}" for i in (0, 1) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
+    assert set(sd) == adapter | biases
+    assert sd["layers.1.query.lora_alpha"].item() == 4.0 and not sd["layers.1.query.lora_use_rslora"]
+
+
+def test_lora_state_dict_leaves_out_a_module_trained_in_full():
+    model = Tiny()
+    lora.add_lora(model, r=2, targets="query")
+    lora.mark_only_lora_as_trainable(model, bias="all")
+    model.head.requires_grad_(True)  # a classifier head trained in full: save_peft_adapter's modules_to_save
+    sd = lora.lora_state_dict(model)
+    assert "head.weight" not in sd and "head.bias" not in sd and "layers.0.norm.bias" in sd
+
+
+def test_an_adapter_with_trained_biases_round_trips_into_a_fresh_model():
+    torch.manual_seed(0)
+    model = Tiny()
+    base = copy.deepcopy(model)
+    lora.add_lora(model, r=2, targets="query", use_dora=True)
+    lora.mark_only_lora_as_trainable(model, bias="lora_only")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    sd = lora.lora_state_dict(model)
+    lora.add_lora(base, r=2, targets="query", use_dora=True)
+    lora.load_lora_state_dict(base, sd)
+    x = torch.randn(3, 8)
+    block = lambda m: m.layers[0].query(x) + m.layers[1].query(x)
+    assert torch.equal(block(base), block(model))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=16), r"'0': the adapter was trained with alpha=8, use_rslora=False; this layer has alpha=16"),
+    (dict(alpha=8, use_rslora=True), r"use_rslora=False; this layer has alpha=8, use_rslora=True"),
+])
+def test_load_lora_state_dict_refuses_another_alpha_or_rslora_and_changes_nothing(kwargs, match):
+    trained = mlp()
+    lora.add_lora(trained, r=4, alpha=8)
+    sd = lora.lora_state_dict(trained)
+
+    def wrapped():
+        model = mlp()
+        lora.add_lora(model, r=4, **kwargs)
+        return model
+    unchanged(wrapped, lambda m: lora.load_lora_state_dict(m, sd), ValueError, match)
+
+
+def test_load_lora_state_dict_names_the_magnitudes_of_a_dora_adapter_in_a_lora_model():
+    dora = mlp()
+    lora.add_lora(dora, r=2, use_dora=True)
+    model = mlp()
+    lora.add_lora(model, r=2)
+    with pytest.raises(KeyError, match=r"unexpected keys \['0.lora_magnitude'.*use_dora"):
+        lora.load_lora_state_dict(model, lora.lora_state_dict(dora))
 
 
 # --- add_lora and mark_only_lora_as_trainable --------------------------------------------------------------
@@ -431,6 +719,7 @@ def unchanged(model_fn, call, exc, match):
     (dict(r=2, dropout=-0.1), "got -0.1"),
     (dict(r=2, init="xavier"), r"init must be one of \('kaiming', 'gaussian'\), got 'xavier'"),
     (dict(r=2, use_rslora="yes"), "use_rslora"),
+    (dict(r=2, use_dora=1), "use_dora must be True or False, got 1"),
 ])
 def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -503,8 +792,9 @@ def test_mark_only_lora_as_trainable_refuses_an_unknown_bias_mode():
 
 # --- works with the rest of PyTorch ----------------------------------------------------------------------
 
-def test_deepcopy_and_pickle_round_trip():
-    layer = trained_layer()
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_deepcopy_and_pickle_round_trip(use_dora):
+    layer = trained_layer(use_dora=use_dora)
     x = torch.randn(3, 32)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert torch.equal(clone(x), layer(x))
@@ -516,17 +806,22 @@ def test_deepcopy_and_pickle_round_trip():
     assert torch.equal(clone.weight, layer.weight)
 
 
-def test_functional_call_swaps_the_adapter():
-    layer = trained_layer()
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_functional_call_swaps_the_adapter(use_dora):
+    layer = trained_layer(use_dora=use_dora)
     x = torch.randn(3, 32)
-    zero_B = torch.zeros_like(layer.lora_B)
-    out = torch.func.functional_call(layer, {"lora_B": zero_B}, (x,))
-    assert torch.equal(out, nn.functional.linear(x, layer.weight, layer.bias))
+    swap = {"lora_B": torch.zeros_like(layer.lora_B)}
+    if use_dora:
+        swap["lora_magnitude"] = layer.weight.detach().norm(dim=1)  # with B = 0 as well: the base model again
+    out = torch.func.functional_call(layer, swap, (x,))
+    tol = 1e-6 if use_dora else 0  # LoRA adds an exact zero; DoRA multiplies by m / ‖W‖ = 1 up to rounding
+    torch.testing.assert_close(out, nn.functional.linear(x, layer.weight, layer.bias), rtol=tol, atol=tol)
 
 
-def test_vmap_over_stacked_adapters_matches_a_loop():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_vmap_over_stacked_adapters_matches_a_loop(use_dora):
     warnings.simplefilter("error")  # e.g. vmap's "performance drop" warning for an op without a batching rule
-    layer = trained_layer()
+    layer = trained_layer(use_dora=use_dora)
     A = torch.randn(3, *layer.lora_A.shape)
     B = torch.randn(3, *layer.lora_B.shape)
     x = torch.randn(3, 5, 32)
@@ -536,9 +831,10 @@ def test_vmap_over_stacked_adapters_matches_a_loop():
         torch.testing.assert_close(stacked[i], f(A[i], B[i], x[i]))
 
 
-def test_torch_compile_full_graph_matches_eager():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_torch_compile_full_graph_matches_eager(use_dora):
     torch._dynamo.reset()
-    layer = trained_layer()
+    layer = trained_layer(use_dora=use_dora)
     x = torch.randn(4, 32)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))

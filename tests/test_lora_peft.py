@@ -1,0 +1,389 @@
+"""lora.py and Hugging Face PEFT (issue 10): the same layer numbers, and adapters that move both ways.
+
+PEFT is a test-only dependency: tests that run it skip where it is absent. The checks of our own reader and
+writer need only safetensors. Every model here has random weights; nothing is downloaded. CPU, seconds.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+from lora import LoRALinear
+
+pytest.importorskip("safetensors")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Net(nn.Module):
+    """A small model to fine-tune: two Linear layers with a LayerNorm between them, and a named head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Holder(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def perturb(model, seed=1):
+    """Move every trainable parameter, as training would (B leaves zero, DoRA's m leaves ‖W‖, heads move)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# What each variant trains, in lora.py's words; the same variants in PEFT's words are below.
+def _ours(r=4, alpha=8, bias="none", head=False, **kw):
+    def wrap(model):
+        lora.add_lora(model, r=r, alpha=alpha, targets=["body.0", "body.3"], **kw)
+        lora.mark_only_lora_as_trainable(model, bias=bias)
+        if head:
+            model.head.requires_grad_(True)
+    return wrap
+
+
+def _patterns(model):  # two layers with different r and alpha: PEFT's rank_pattern and alpha_pattern
+    lora.add_lora(model, r=4, alpha=8, targets="body.0")
+    lora.add_lora(model, r=2, alpha=3, targets="body.3")
+    lora.mark_only_lora_as_trainable(model)
+
+
+OURS = {"lora": _ours(), "rslora": _ours(use_rslora=True), "dora": _ours(use_dora=True),
+        "head": _ours(head=True), "bias_all": _ours(bias="all"), "bias_lora_only": _ours(bias="lora_only"),
+        "dora_head_bias": _ours(use_dora=True, head=True, bias="lora_only"), "patterns": _patterns}
+
+
+def trained_ours(variant):
+    """(our model after `variant` and some training, the same base model untouched), both in eval mode."""
+    torch.manual_seed(0)
+    base = Net().eval()
+    model = copy.deepcopy(base)
+    OURS[variant](model)
+    perturb(model)
+    return model, base
+
+
+# --- one layer, the same numbers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_our_layer_matches_peft_layer_in_output_gradients_and_merged_weight(use_dora):
+    """Same W, A, B (and magnitude): the same output, gradients and merged weight as PEFT's layer, in float64,
+    in training mode with dropout (both draw the same mask from the same seed)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Linear(32, 24).double()
+    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.3, use_dora=use_dora).train()
+    with torch.no_grad():
+        ours.lora_B.normal_(0, 0.5)
+        if use_dora:
+            ours.lora_magnitude.mul_(torch.empty(24, dtype=torch.float64).uniform_(0.5, 1.5))
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["proj"], use_dora=use_dora)
+    theirs = peft.get_peft_model(Holder(copy.deepcopy(base)), config).base_model.model.proj.train()
+    pairs = [(ours.lora_A, theirs.lora_A["default"].weight), (ours.lora_B, theirs.lora_B["default"].weight)]
+    if use_dora:
+        pairs.append((ours.lora_magnitude, theirs.lora_magnitude_vector["default"].weight))
+    with torch.no_grad():
+        for mine, their in pairs:
+            their.copy_(mine)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    gy = torch.randn(2, 7, 24, dtype=torch.float64)
+    outputs, x_grads = [], []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out = layer(xi)
+        out.backward(gy)
+        outputs.append(out)
+        x_grads.append(xi.grad)
+    assert not torch.allclose(outputs[0], base(x))  # the adapter does something
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_grads[0], x_grads[1], rtol=1e-12, atol=1e-12)
+    for mine, their in pairs:
+        torch.testing.assert_close(mine.grad, their.grad, rtol=1e-12, atol=1e-12)
+    ours.merge()
+    theirs.merge()
+    torch.testing.assert_close(ours.weight, theirs.base_layer.weight, rtol=1e-12, atol=1e-12)
+
+
+# --- our adapters in PEFT ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(OURS))
+def test_peft_loads_our_adapter_and_gives_our_outputs(tmp_path, variant):
+    peft = pytest.importorskip("peft")
+    model, base = trained_ours(variant)
+    x = torch.randn(5, 12)
+    base_out = base(x)
+    lora.save_peft_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    assert not torch.allclose(model(x), base_out, atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_our_adapter_config_says_what_peft_needs(tmp_path):
+    model, _ = trained_ours("patterns")
+    model.head.requires_grad_(True)
+    lora.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora",
+                                   "bias", "modules_to_save", "rank_pattern", "alpha_pattern")} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["body.0", "body.3"], "use_dora": False,
+        "use_rslora": False, "bias": "none", "modules_to_save": ["head"],
+        "rank_pattern": {r"^body\.3": 2}, "alpha_pattern": {r"^body\.3": 3}}
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {
+        f"base_model.model.body.{i}.lora_{m}.weight" for i in (0, 3) for m in "AB"} | {
+        "base_model.model.head.weight", "base_model.model.head.bias"}
+
+
+def test_targets_that_are_the_dotted_end_of_other_names_are_written_as_an_exact_regex(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    linear = lambda: nn.Sequential(nn.Linear(6, 6))
+    base = nn.ModuleDict({"a": linear(), "x": nn.ModuleDict({"a": linear()})})  # "a.0" and "x.a.0"
+    model = copy.deepcopy(base)
+    assert lora.add_lora(model, r=2, targets="a.0") == ["a.0"]
+    lora.save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == r"(a\.0)"
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
+    assert [n for n, m in loaded.named_modules() if n.endswith("lora_A")] == ["base_model.model.a.0.lora_A"]
+
+
+# --- PEFT's adapters in ours ---------------------------------------------------------------------------------
+
+PEFT_CONFIGS = {
+    "lora": dict(target_modules=["body.0", "body.3"]),
+    "rslora": dict(target_modules=["body.0", "body.3"], use_rslora=True),
+    "dora": dict(target_modules=["body.0", "body.3"], use_dora=True),
+    "head": dict(target_modules=["body.0", "body.3"], modules_to_save=["head"]),
+    "bias_all": dict(target_modules=["body.0", "body.3"], bias="all"),
+    "bias_lora_only": dict(target_modules=["body.0", "body.3"], bias="lora_only", use_dora=True),
+    "patterns": dict(target_modules=["body.0", "body.3"], rank_pattern={"body.3": 2}, alpha_pattern={"3": 5}),
+    "regex": dict(target_modules=r"body\.(0|3)", lora_dropout=0.1),
+    "all_linear": dict(target_modules="all-linear"),
+}
+
+
+def peft_name_in_ours(name):
+    """A PEFT parameter name as lora.py names the same tensor."""
+    name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".base_layer", "")
+    for theirs, ours in ((".lora_A.default.weight", ".lora_A"), (".lora_B.default.weight", ".lora_B"),
+                         (".lora_magnitude_vector.default.weight", ".lora_magnitude")):
+        name = name.replace(theirs, ours)
+    return name
+
+
+@pytest.mark.filterwarnings("ignore:r=4 exceeds min")  # all-linear also wraps the 16 -> 3 head
+@pytest.mark.parametrize("variant", list(PEFT_CONFIGS))
+def test_we_load_peft_adapters_with_peft_outputs_and_what_peft_trains(tmp_path, variant):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Net().eval()
+    ours = copy.deepcopy(base)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **PEFT_CONFIGS[variant]))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    names = lora.load_peft_adapter(ours, tmp_path)
+    assert names == sorted({n.split(".lora_A")[0].removeprefix("base_model.model.")
+                            for n, _ in theirs.named_parameters() if ".lora_A." in n})
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-6)
+    assert trainable(ours) == {peft_name_in_ours(n) for n in trainable(theirs)}
+
+
+def test_an_adapter_round_trips_through_our_writer_and_reader_exactly(tmp_path):
+    for variant in OURS:
+        model, base = trained_ours(variant)
+        lora.save_peft_adapter(model, tmp_path / variant)
+        lora.load_peft_adapter(base, tmp_path / variant)
+        x = torch.randn(5, 12)
+        assert torch.equal(base(x), model(x)), variant
+        assert trainable(base) == trainable(model), variant
+        assert [(n, type(m)) for n, m in base.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+
+
+# --- a transformers model, both ways ---------------------------------------------------------------------------
+
+def tiny_bert():
+    """BERT's architecture, small, with random weights and a 3-way classifier head (nothing is downloaded)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_bert_adapter_with_a_trained_classifier_moves_both_ways_with_the_same_logits(tmp_path, use_dora):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    ids = torch.randint(5, 100, (2, 9))
+    ours = tiny_bert()
+    lora.add_lora(ours, r=4, alpha=8, targets=["query", "value"], use_dora=use_dora)
+    lora.mark_only_lora_as_trainable(ours)
+    ours.classifier.requires_grad_(True)
+    perturb(ours)
+    lora.save_peft_adapter(ours, tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(in_peft(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                             use_dora=use_dora)  # SEQ_CLS: PEFT adds ["classifier", "score"] to modules_to_save
+    theirs = peft.get_peft_model(tiny_bert(), config)
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = tiny_bert()
+    assert len(lora.load_peft_adapter(in_ours, tmp_path / "theirs")) == 4
+    torch.testing.assert_close(in_ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+# --- what load_peft_adapter refuses, leaving the model as it was ------------------------------------------------
+
+def edit_adapter(folder, config=None, drop=(), add=None):
+    """Change a saved adapter: update its config, drop tensors, add tensors (full PEFT names)."""
+    if config:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    tensors = {k: v for k, v in load_file(folder / "adapter_model.safetensors").items() if k not in drop}
+    save_file({**tensors, **(add or {})}, folder / "adapter_model.safetensors")
+
+
+P = "base_model.model."
+REFUSALS = {  # name: (how the adapter is edited, exception, message)
+    "unknown_peft_type": (dict(config={"peft_type": "IA3"}), ValueError, "peft_type 'IA3' is not supported"),
+    "fan_in_fan_out": (dict(config={"fan_in_fan_out": True}), ValueError, r"\{'fan_in_fan_out': True\}"),
+    "lora_bias": (dict(config={"lora_bias": True}), ValueError, r"\{'lora_bias': True\} are not supported"),
+    "layers_to_transform": (dict(config={"layers_to_transform": [0]}), ValueError, "layers_to_transform"),
+    "use_qalora": (dict(config={"use_qalora": True}), ValueError, "use_qalora"),
+    "a_future_setting": (dict(config={"use_something_new": {"k": 1}}), ValueError, "use_something_new"),
+    "pissa_init": (dict(config={"init_lora_weights": "pissa"}), ValueError, "init_lora_weights='pissa'"),
+    "bad_bias_setting": (dict(config={"bias": "some"}), ValueError, "bias='some'"),
+    "target_not_linear": (dict(add={P + "body.1.lora_A.weight": torch.zeros(4, 16),
+                                    P + "body.1.lora_B.weight": torch.zeros(16, 4)}),
+                          TypeError, r"module 'body.1' must be an nn.Linear, got LayerNorm"),
+    "module_the_model_lacks": (dict(add={P + "body.9.lora_A.weight": torch.zeros(4, 16)}), ValueError,
+                               "tensors for module 'body.9', which the model lacks"),
+    "missing_lora_B": (dict(drop=[P + "body.3.lora_B.weight"]), ValueError,
+                       r"'body.3': the adapter lacks its \['lora_B'\]"),
+    "missing_magnitudes": (dict(config={"use_dora": True}), ValueError,
+                           r"'body.0': the adapter lacks its \['lora_magnitude'\] \(use_dora=True\)"),
+    "wrong_rank": (dict(config={"r": 2}), ValueError, r"'body.0': lora_A has shape \(4, 12\), but r=2"),
+    "wrong_shape": (dict(add={P + "body.0.lora_B.weight": torch.zeros(15, 4)}), ValueError,
+                    r"'body.0': lora_B has shape \(15, 4\).*need \(16, 4\)"),
+    "base_weight": (dict(add={P + "body.0.weight": torch.zeros(16, 12)}), ValueError,
+                    "'base_model.model.body.0.weight' is neither lora_A"),
+    "bias_the_model_lacks": (dict(add={P + "body.2.bias": torch.zeros(16)}), ValueError,
+                             "tensor 'body.2.bias', which the model lacks"),
+    "lora_bias_named_as_plain": (dict(add={P + "body.0.bias": torch.zeros(16)}), ValueError,
+                                 r"biases of \['body.0'\]: PEFT names .* <path>.base_layer.bias"),
+    "head_without_tensors": (dict(config={"modules_to_save": ["head"]}), ValueError,
+                             r"modules_to_save module 'head': the adapter lacks \['head.weight', 'head.bias'\]"),
+    "target_without_tensors": (dict(config={"target_modules": ["body.0", "body.3", "head"]}), ValueError,
+                               r"select \['head'\], but the adapter has no tensors for them"),
+    "tensors_not_targeted": (dict(config={"target_modules": ["body.0"]}), ValueError,
+                             "tensors for 'body.3', which its target_modules"),
+}
+
+
+def unchanged(model, call, exc, match):
+    """call(model) raises exc and leaves the model's modules, tensors and trainable flags exactly as they were."""
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = trainable(model)
+    with pytest.raises(exc, match=match):
+        call(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert trainable(model) == flags
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_load_peft_adapter_refuses_what_it_cannot_honour_and_changes_nothing(tmp_path, name):
+    edit, exc, match = REFUSALS[name]
+    model, base = trained_ours("lora")
+    lora.save_peft_adapter(model, tmp_path)
+    edit_adapter(tmp_path, **edit)
+    unchanged(base, lambda m: lora.load_peft_adapter(m, tmp_path), exc, match)
+
+
+def test_load_peft_adapter_refuses_a_folder_of_several_adapters_and_a_model_that_has_lora(tmp_path):
+    model, base = trained_ours("lora")
+    lora.save_peft_adapter(model, tmp_path)
+    unchanged(model, lambda m: lora.load_peft_adapter(m, tmp_path), ValueError, "already carries LoRA layers")
+    lora.save_peft_adapter(model, tmp_path / "second")  # PEFT's save_pretrained puts a second adapter here
+    unchanged(base, lambda m: lora.load_peft_adapter(m, tmp_path), ValueError,
+              r"holds several adapters \(also \['second'\]\)")
+
+
+# --- what save_peft_adapter refuses, writing nothing --------------------------------------------------------
+
+def _merged(model):
+    model.body[0].merge()
+
+
+def _mixed_dora(model):
+    lora.add_lora(model, r=2, targets="head", use_dora=True)
+
+
+def _half_trained_norm(model):
+    model.body[1].weight.requires_grad_(True)
+
+
+def _head_bias_only(model):
+    model.head.bias.requires_grad_(True)
+
+
+def _trained_base_weight(model):
+    model.body[0].weight.requires_grad_(True)
+
+
+SAVE_REFUSALS = {
+    "merged": (_merged, r"layers \['body.0'\] are merged"),
+    "mixed_dora": (_mixed_dora, "one use_dora for all layers"),
+    "partly_trained_module": (_half_trained_norm, r"'body.1' trains some of its parameters but not \['bias'\]"),
+    "odd_biases": (_head_bias_only, r"trainable biases \['head.bias'\] are neither every bias"),
+    "trained_base_weight": (_trained_base_weight, "'body.0' trains its base weight W"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAVE_REFUSALS))
+def test_save_peft_adapter_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path, name):
+    change, match = SAVE_REFUSALS[name]
+    model, _ = trained_ours("lora")
+    change(model)
+    with pytest.raises(ValueError, match=match):
+        lora.save_peft_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.save_peft_adapter(Net(), tmp_path / "adapter")
+
+
+def test_lora_py_imports_safetensors_only_inside_the_peft_functions():
+    code = "import sys, lora; assert not {'safetensors', 'peft', 'transformers'} & set(sys.modules), sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
