@@ -19,21 +19,23 @@ class Method:
     #                              "lora": adapters, plus the classifier head where the model has a new one
     rank: int | None = None      # LoRA's r
     targets: str = "all"         # LoRA's target set, a key of models.target_sets(model)
+    dora: bool = False           # DoRA (Liu et al., 2024): LoRA plus a trained magnitude per output feature
     # Where an experiment has a single target set its methods are named "lora_r4", not "lora_all_r4".
     show_targets: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
-        if (self.kind == "lora") != (self.rank is not None):
-            raise ValueError(f"a LoRA method needs a rank and only a LoRA method has one, got {self!r}")
+        if (self.kind == "lora") != (self.rank is not None) or (self.dora and self.kind != "lora"):
+            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank or DoRA; got {self!r}")
 
     @property
     def name(self) -> str:
-        """"full", "head", "lora_r4" or "lora_qv_r4": file names, table rows and learning-rate keys."""
+        """"full", "head", "lora_r4", "lora_qv_r4" or "dora_r4": file names, table rows and learning-rate keys."""
         if self.kind != "lora":
             return self.kind
-        return f"lora_{self.targets}_r{self.rank}" if self.show_targets else f"lora_r{self.rank}"
+        prefix = "dora" if self.dora else "lora"
+        return f"{prefix}_{self.targets}_r{self.rank}" if self.show_targets else f"{prefix}_r{self.rank}"
 
     @property
     def dropout_seed(self) -> int:
@@ -42,7 +44,7 @@ class Method:
         they always had (1000 and 1000 (1 + r)), so the MLP's committed numbers did not move."""
         if self.kind != "lora":
             return {"full": 1000, "head": 500}[self.kind]
-        return 1000 * (1 + self.rank) + 100 * models.TARGET_SET_NAMES.index(self.targets)
+        return 1000 * (1 + self.rank) + 100 * models.TARGET_SET_NAMES.index(self.targets) + 50 * self.dora
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,14 @@ class Config:
     train_subset: int | None = None                  # keep only the first n training images (quick mode)
     model: str = "mlp"                               # "mlp" (the reference's) or "transformer" (transformer.py)
     target_sets: tuple[str, ...] = ("all",)          # where LoRA goes: keys of models.target_sets(model)
+    dora: bool = True                                # DoRA at every rank too, as a second series
 
     @classmethod
     def transformer(cls) -> "Config":
         """The transformer experiment, sized to run in minutes on 2 CPU cores: 12,000 of the training images."""
         return cls(model="transformer", target_sets=("qv", "qkvo", "all"), ranks=(1, 2, 4, 8), seeds=3,
                    pretrain_epochs=3, finetune_epochs=2, pretrain_lr=3e-3, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1),
-                   tune_seeds=1, dropout=0.0, train_subset=12_000)
+                   tune_seeds=1, dropout=0.0, train_subset=12_000, dora=False)
 
     @classmethod
     def quick(cls, model: str = "mlp") -> "Config":
@@ -95,10 +98,11 @@ class Config:
 
     @property
     def methods(self) -> list[Method]:
-        """Full finetuning, then LoRA at every rank on every target set."""
+        """Full finetuning, then LoRA at every rank on every target set, then DoRA likewise if cfg.dora."""
         several = len(self.target_sets) > 1
-        return [Method("full")] + [Method("lora", r, t, show_targets=several)
-                                   for t in self.target_sets for r in self.ranks]
+        variants = (False, True) if self.dora else (False,)
+        return [Method("full")] + [Method("lora", r, t, dora, show_targets=several)
+                                   for dora in variants for t in self.target_sets for r in self.ranks]
 
     def tuning_fields(self) -> dict:
         return tuning_fields(self)

@@ -26,11 +26,11 @@ def target_sets(model: str) -> dict[str, list[str] | None]:
 
 
 def add_adapter(model: nn.Module, method) -> None:
-    """LoRA as `method` says (its rank on its target set; alpha = r: scaling 1, each rank at its own tuned lr),
+    """LoRA or DoRA as `method` says (its rank on its target set; alpha = r: scaling 1, each rank at its own tuned lr),
     and only what it trains left trainable: the adapters, and the transformer's classifier head in full."""
     is_transformer = isinstance(model, transformer.RowTransformer)
     targets = target_sets("transformer" if is_transformer else "mlp")[method.targets]
-    lora.add_lora(model, r=method.rank, targets=targets)
+    lora.add_lora(model, r=method.rank, targets=targets, use_dora=method.dora)
     lora.mark_only_lora_as_trainable(model)
     if is_transformer:
         model.head.requires_grad_(True)

@@ -2,6 +2,7 @@
 Every finished run is cached on disk, keyed by the config and the code that can change its numbers, so an
 interrupted search or sweep resumes where it stopped."""
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -43,23 +44,39 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
             "val_acc_A": accuracy(model, params, tasks["A"]["val"])}
 
 
+@contextlib.contextmanager
+def quiet_rank_warning():
+    """r > 5 on the MLP's 5-way head is wanted here, as the reference did: silence that warning, here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"r=\d+ exceeds")
+        yield
+
+
+def initial_adapters(cfg: Config, method: Method, seeds: list[int], base: dict[str, torch.Tensor]) -> dict:
+    """Each seed's adapter tensors at initialisation, stacked (S, ...): A drawn from the seed alone (not from how
+    many seeds run together), B = 0, and DoRA's magnitude the row norms of that seed's pretrained W."""
+    adapters = []
+    with quiet_rank_warning():
+        for i, s in enumerate(seeds):
+            set_seed(s)
+            with_lora = make_model(cfg.model, cfg.dropout)
+            with_lora.load_state_dict({k: v[i] for k, v in base.items()})
+            add_adapter(with_lora, method)
+            adapters.append({n: p.detach() for n, p in with_lora.named_parameters()
+                             if n.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES})
+    device = next(iter(base.values())).device
+    return {k: v.to(device) for k, v in stack(adapters).items()}
+
+
 def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: Method, lr: float) -> dict:
     """Adapt every seed's pretrained model to task B with one method; returns per-seed accuracies."""
     model = make_model(cfg.model, cfg.dropout)
     params = {k: v.clone() for k, v in base.items()}  # every method starts from the pretrained weights
     alpha = None
     if method.kind == "lora":
-        with warnings.catch_warnings():  # r > 5 on the MLP's 5-way head is wanted here, as the reference did
-            warnings.filterwarnings("ignore", message=r"r=\d+ exceeds")
+        with quiet_rank_warning():
             add_adapter(model, method)
-            adapters = []
-            for s in seeds:  # A's initialisation depends only on the seed, not on how many seeds run together
-                set_seed(s)
-                with_lora = make_model(cfg.model, cfg.dropout)
-                add_adapter(with_lora, method)
-                adapters.append(lora.lora_state_dict(with_lora))
-        device = next(iter(base.values())).device
-        params.update({k: v.to(device) for k, v in stack(adapters).items()})
+        params.update(initial_adapters(cfg, method, seeds, base))
         (alpha,) = {layer.alpha for _, layer in lora.lora_layers(model)}  # as the layers have it
         alpha = int(alpha) if alpha.is_integer() else alpha
     for name, p in model.named_parameters():  # the template model says what trains
@@ -69,7 +86,7 @@ def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor]
     losses = fit(model, params, tasks["B"]["train"], seeds, lr, cfg.finetune_epochs, cfg.batch_size)
     params = {k: v.detach() for k, v in params.items()}
     out = {"method": method.name, "rank": method.rank, "targets": method.targets if method.kind == "lora" else None,
-           "alpha": alpha, "lr": lr, "trainable_params": trainable, "total_params": total,
+           "dora": method.dora, "alpha": alpha, "lr": lr, "trainable_params": trainable, "total_params": total,
            "losses": losses, "val_acc_B": accuracy(model, params, tasks["B"]["val"]),
            "acc_B": accuracy(model, params, tasks["B"]["test"]),
            "acc_A_after": accuracy(model, params, tasks["A"]["test"])}
@@ -130,7 +147,8 @@ def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_di
     rows = []
     for r in results:
         for i, s in enumerate(seeds):
-            rows.append({"method": r["method"], "rank": r["rank"], "targets": r["targets"], "alpha": r["alpha"],
+            rows.append({"method": r["method"], "rank": r["rank"], "targets": r["targets"], "dora": r["dora"],
+                         "alpha": r["alpha"],
                          "seed": s, "lr": r["lr"],
                          "trainable_params": r["trainable_params"], "acc_B": r["acc_B"][i],
                          "acc_A_after": r["acc_A_after"][i], "acc_A_disabled": r.get("acc_A_disabled", [None] * len(seeds))[i],

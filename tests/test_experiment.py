@@ -69,14 +69,17 @@ def test_the_model_is_the_reference_architecture():
 
 def test_methods_are_data_with_names_and_distinct_dropout_streams():
     mlp, tf = Config().methods, Config.transformer().methods
-    assert [m.name for m in mlp] == ["full"] + [f"lora_r{r}" for r in Config().ranks]
+    ranks = Config().ranks
+    assert [m.name for m in mlp] == ["full"] + [f"lora_r{r}" for r in ranks] + [f"dora_r{r}" for r in ranks]
     assert [m.name for m in tf[:3]] == ["full", "lora_qv_r1", "lora_qv_r2"] and len(tf) == 1 + 3 * 4
     assert tf[-1] == Method("lora", 8, "all") and tf[-1].targets == "all"
     # An underscore in a target set no longer parses as anything: the fields are the fields.
     assert Method("lora", 4, "q_v").name == "lora_q_v_r4"
     streams = [m.dropout_seed for m in mlp + tf]
     assert len(set(streams)) == len({m for m in mlp + tf})  # distinct methods, distinct streams
-    assert [m.dropout_seed for m in mlp] == [1000] + [1000 * (1 + r) for r in Config().ranks]  # as before the split
+    assert [m.dropout_seed for m in mlp[:1 + len(ranks)]] == [1000] + [1000 * (1 + r) for r in ranks]  # as before
+    with pytest.raises(ValueError, match="only a LoRA method has a rank or DoRA"):
+        Method("full", dora=True)
     with pytest.raises(ValueError, match="needs a rank"):
         Method("lora")
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -115,14 +118,16 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert (lora_rows.acc_A_disabled == lora_rows.acc_A_pretrained).all()  # disable_lora is exact
     assert list(results.method) == names
     assert results.set_index("method").loc["lora_r8", "trainable_params"] == 1_045 * 8
+    assert results.set_index("method").loc["dora_r8", "trainable_params"] == 1_045 * 8 + 64 + 64 + 5  # + magnitudes
     for path in out.all():
         assert path.stat().st_size > 0, path
     assert out.summary == out.root / "results.csv" and out.per_seed == out.root / "results" / "mlp_per_seed.csv"
     assert not list(out.root.rglob(".*.tmp"))
     saved = pd.read_csv(out.summary)
-    assert list(saved.columns) == ["method", "rank", "targets", "alpha", "trainable_params", "pct_params_vs_full",
-                                   "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "acc_A_after_mean", "seeds",
-                                   "epochs", "batch_size", "lr"]
+    assert list(saved.columns) == ["method", "rank", "targets", "dora", "alpha", "trainable_params",
+                                   "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "diff_vs_full",
+                                   "diff_vs_full_low", "diff_vs_full_high", "diff_vs_lora", "diff_vs_lora_low",
+                                   "diff_vs_lora_high", "acc_A_after_mean", "seeds", "epochs", "batch_size", "lr"]
     config = json.loads(out.config.read_text())
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
     assert config["environment"]["torch"] == torch.__version__
@@ -179,11 +184,17 @@ def test_learning_rates_from_another_config_are_refused(quick_run):
         load(storage.Outputs("mlp", out.root / "nowhere"), QUICK)
 
 
-def test_summary_is_mean_and_std_over_seeds(quick_run):
+def test_summary_is_mean_and_std_over_seeds_with_paired_differences(quick_run):
     _, _, _, per_seed, results = quick_run
     row = results.set_index("method").loc["lora_r1"]
     accs = per_seed[per_seed.method == "lora_r1"].acc_B
     assert row.acc_B_mean == pytest.approx(accs.mean()) and row.acc_B_std == pytest.approx(accs.std())
+    wide = per_seed.pivot(index="seed", columns="method", values="acc_B")
+    assert row.diff_vs_full == pytest.approx((wide["lora_r1"] - wide["full"]).mean())
+    dora = results.set_index("method").loc["dora_r1"]
+    assert dora.diff_vs_lora == pytest.approx((wide["dora_r1"] - wide["lora_r1"]).mean())
+    assert dora.diff_vs_lora_low <= dora.diff_vs_lora <= dora.diff_vs_lora_high
+    assert pd.isna(row.diff_vs_lora)  # LoRA rows have no DoRA twin to compare with
     assert row.pct_params_vs_full == pytest.approx(100 * 1045 / 54725)
     assert results.set_index("method").loc["full", "pct_acc_vs_full"] == pytest.approx(100)
 
@@ -219,6 +230,16 @@ def test_finetuning_leaves_the_callers_warning_filters_alone(tasks):
     before = list(warnings.filters)
     runs.finetune(QUICK, small, [0], base, Method("lora", 8, show_targets=False), 1e-2)  # r = 8 > 5 on the head
     assert warnings.filters == before
+
+
+def test_doras_magnitude_starts_at_the_row_norms_of_each_seeds_pretrained_weights(tasks):
+    small = {t: {s: (x[:300], y[:300]) for s, (x, y) in tasks[t].items()} for t in "AB"}
+    base = runs.pretrain(QUICK, small, [0, 1])["params"]
+    adapters = runs.initial_adapters(QUICK, Method("lora", 2, dora=True), [0, 1], base)
+    for i in range(2):
+        for layer in ("0", "3", "6"):
+            torch.testing.assert_close(adapters[f"{layer}.lora_magnitude"][i], base[f"{layer}.weight"][i].norm(dim=1))
+    assert not torch.equal(adapters["0.lora_magnitude"][0], adapters["0.lora_magnitude"][1])  # each seed its own
 
 
 def test_add_adapter_trains_only_the_adapters_on_the_mlp():
