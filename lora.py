@@ -11,7 +11,9 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         └──► dropout ──► A ──► B ──► · alpha/r
 
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises
-  its own weight and as PEFT and loralib do; B = 0. So B A = 0 and training starts exactly at the base model.
+  its own weight and as PEFT and loralib do; B = 0. So B A = 0 and training starts at the base model: bit for
+  bit on a CPU; on a GPU the fused addmm of forward may pick another GEMM kernel than nn.Linear does, which
+  moves the output by float32 rounding (7e-7 at most for a 384 -> 384 layer on an H100).
   ("gaussian": A ~ N(0, std=1/r), as PEFT's "gaussian".)
 - Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the size of the update roughly
   independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to

@@ -92,3 +92,17 @@ def test_every_file_and_make_target_the_readme_names_exists():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     commands = set(re.findall(r"^make (\w+)", readme, re.M))
     assert {"run", "test"} <= commands <= targets, (commands, targets)
+
+
+def test_the_readme_prose_on_the_text_experiment_matches_its_results():
+    results = storage.load_results(storage.Outputs("text")).set_index("method")
+    majority = json.loads(storage.Outputs("text").config.read_text())["data"]["majority"]
+    head, full = results.loc["head"], results.loc["full"]
+    assert head.acc_ci_low <= majority <= head.acc_ci_high + 0.005  # "no better than always answering positive"
+    assert round(100 * (full.acc_mean - head.acc_mean)) == 9  # "adds about 9 points"
+    qv = results[results.targets == "qv"]
+    assert list(qv["rank"]) == [1, 2, 4, 8, 16] and (qv.diff_vs_full.abs() < 0.02).all()  # "within 2 points"
+    assert (100 * qv.trainable_params / full.trainable_params).max() < 0.7  # "at most 0.7%"
+    below = set(results.index[results.diff_vs_full_high < 0])
+    above = set(results.index[results.diff_vs_full_low > 0])
+    assert below == {"head", "lora_qv_r16"} and not above  # "only at r = 16 ... below"; "no LoRA variant is above"
