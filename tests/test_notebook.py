@@ -106,3 +106,18 @@ def test_the_readme_prose_on_the_text_experiment_matches_its_results():
     below = set(results.index[results.diff_vs_full_high < 0])
     above = set(results.index[results.diff_vs_full_low > 0])
     assert below == {"head", "lora_qv_r16"} and not above  # "only at r = 16 ... below"; "no LoRA variant is above"
+
+
+def test_the_readme_prose_on_the_mlp_experiment_matches_its_results():
+    results = storage.load_results(storage.Outputs("mlp")).set_index("method")
+    full = results.loc["full"]
+    lora = results[(results.index != "full") & ~results.dora.astype(bool)]
+    dora = results[results.dora.astype(bool)]
+    close = lora[lora.acc_B_mean >= full.acc_B_mean - 0.01]
+    assert close["rank"].min() == 8 and round(close.iloc[0].pct_params_vs_full) == 15  # "rank 8 ... 15%"
+    assert (lora.diff_vs_full_high < 0).all() and round(full.acc_B_mean, 3) == 0.982  # "every rank stays below"
+    assert (lora[lora["rank"] >= 16].acc_B_mean.round(3) == 0.978).sum() >= 2  # "flat at about 0.978"
+    assert (dora.trainable_params.to_numpy() - lora.trainable_params.to_numpy() == 133).all()
+    assert not (dora.diff_vs_lora_low > 0).any()  # "at no rank is it above LoRA"
+    below = dora[dora.diff_vs_lora_high < 0]
+    assert list(below["rank"]) == [4, 8, 16] and (below.diff_vs_lora.between(-0.0025, -0.001)).all()  # "0.1-0.2"
