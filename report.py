@@ -139,14 +139,18 @@ def readme_markers(model: str) -> tuple[str, str]:
             f"<!-- end of {name} -->")
 
 
-def update_readme(readme: Path, out: Outputs) -> None:
-    """Replace the block between readme_markers(out.experiment) with the markdown_table of its results."""
-    start, end = readme_markers(out.experiment)
-    config = json.loads(out.config.read_text())
+def replace_readme_block(readme: Path, markers: tuple[str, str], block: str) -> None:
+    """Replace what stands between the two marker lines of README.md (each must occur once) with `block`."""
+    start, end = markers
     text = readme.read_text()
     if text.count(start) != 1 or text.count(end) != 1:
         raise ValueError(f"{readme} must contain the markers {start!r} and {end!r} once each")
     head, rest = text.split(start)
     _, tail = rest.split(end)
-    block = f"{start}\n{markdown_table(load_results(out), config)}\n{end}"
-    atomic_write(readme, (head + block + tail).encode())
+    atomic_write(readme, (head + f"{start}\n{block}\n{end}" + tail).encode())
+
+
+def update_readme(readme: Path, out: Outputs) -> None:
+    """Replace the block between readme_markers(out.experiment) with the markdown_table of its results."""
+    table = markdown_table(load_results(out), json.loads(out.config.read_text()))
+    replace_readme_block(readme, readme_markers(out.experiment), table)

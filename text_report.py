@@ -7,9 +7,9 @@ import matplotlib.ticker
 import pandas as pd
 from matplotlib.figure import Figure
 
-from report import TARGET_LABELS
+from report import TARGET_LABELS, replace_readme_block
 from stats import mean_ci, paired_differences
-from storage import Outputs, atomic_write, load_results, with_int_columns
+from storage import Outputs, load_results, with_int_columns
 from text_config import TextConfig
 
 MARKERS = ("<!-- text results: written by `python text_experiment.py readme` from results/text.csv and "
@@ -108,15 +108,7 @@ def markdown_table(results: pd.DataFrame, config: dict) -> str:
 
 def update_readme(readme: Path, out: Outputs) -> None:
     """Replace the block between MARKERS with the markdown_table of results/text.csv."""
-    start, end = MARKERS
-    text = readme.read_text()
-    if text.count(start) != 1 or text.count(end) != 1:
-        raise ValueError(f"{readme} must contain the markers {start!r} and {end!r} once each")
-    head, rest = text.split(start)
-    _, tail = rest.split(end)
-    table = markdown_table(load_results(out), json.loads(out.config.read_text()))
-    atomic_write(readme, (head + f"{start}\n{table}\n{end}" + tail).encode())
-
+    replace_readme_block(readme, MARKERS, markdown_table(load_results(out), json.loads(out.config.read_text())))
 
 
 def verdict(row) -> str:
