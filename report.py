@@ -15,7 +15,7 @@ from storage import Outputs, atomic_write, load_results
 
 # The reference notebook's published table (github.com/sunildkumar/lora_from_scratch): trainable parameters and
 # test accuracy. Its "full finetune" was trained and tested on digits 0-4 by a bug; its LoRA runs got up to
-# 100 epochs x ~421 steps = ~42,100 steps, about 40x the 1,055 of ours.
+# 100 epochs x ~421 steps = ~42,100 steps, about 40x the 1,050 of ours.
 REFERENCE = {"full": (54_700, 0.984), 1: (1_045, 0.8747), 2: (2_090, 0.9314955), 4: (4_180, 0.9640),
              8: (8_360, 0.9710), 16: (16_720, 0.9765), 32: (33_440, 0.9796), 64: (66_880, 0.9804567)}
 TARGET_LABELS = {"all": "every nn.Linear", "qv": "Wq, Wv", "qkvo": "Wq, Wk, Wv, Wo"}  # + the head, for the transformer
@@ -122,8 +122,9 @@ def markdown_table(results: pd.DataFrame, config: dict) -> str:
                      f"{'' if r['method'] == 'full' else interval(r, 'diff_vs_full')} |"
                      + (f" {interval(r, 'diff_vs_lora')} |" if has_dora else "")
                      + f" {r['acc_A_after_mean']:.3f} | {r['lr']:g} |")
-    images = "all" if c["train_subset"] is None else f"{c['train_subset']:,} of the"
-    lines += ["", f"{c['seeds']} seeds, {images} training images; every method {c['finetune_epochs']} epochs at "
+    images = (f"the {60_000 - c['val_size']:,} training images outside the validation split" if c["train_subset"] is None
+              else f"{c['train_subset']:,} of the training images")
+    lines += ["", f"{c['seeds']} seeds, {images}; every method {c['finetune_epochs']} epochs at "
               f"batch size {c['batch_size']} with Adam and a cosine schedule, after {c['pretrain_epochs']} epochs of "
               f"pretraining on 0-4. The sweep took {config['sweep_seconds']:.0f} s on {env['device']} "
               f"({env['device_name']}, {env['cpu_threads']} threads), torch {env['torch']}."]

@@ -100,9 +100,9 @@ def markdown_table(results: pd.DataFrame, config: dict) -> str:
               f"reviews ({100 * data['majority']:.1f}% of the test reviews are positive); every method "
               f"{c['epochs']} epoch{'s' * (c['epochs'] > 1)} at batch size {c['batch_size']}, at most {c['max_len']} tokens, Adam with a "
               f"cosine schedule{', bf16 autocast' if c['amp'] and env['device'].startswith('cuda') else ''}. "
-              f"Weights: {config['weights']['weights']}. Training took {config['tune_seconds']:.0f} s for the "
-              f"learning-rate search and {config['sweep_seconds']:.0f} s for the sweep on {env['device_name']}, "
-              f"torch {env['torch']}."]
+              f"Weights: {config['weights']['weights']}. The runs' training time, summed (cached runs included): "
+              f"{config['tune_seconds']:.0f} s for the learning-rate search and {config['sweep_seconds']:.0f} s for "
+              f"the sweep on {env['device_name']}, torch {env['torch']}."]
     return "\n".join(lines)
 
 

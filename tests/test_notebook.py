@@ -121,3 +121,19 @@ def test_the_readme_prose_on_the_mlp_experiment_matches_its_results():
     assert not (dora.diff_vs_lora_low > 0).any()  # "at no rank is it above LoRA"
     below = dora[dora.diff_vs_lora_high < 0]
     assert list(below["rank"]) == [4, 8, 16] and (below.diff_vs_lora.between(-0.0025, -0.001)).all()  # "0.1-0.2"
+
+
+def test_the_readme_prose_on_the_transformer_experiment_matches_its_results():
+    r = storage.load_results(storage.Outputs("transformer")).set_index("method")
+    qv8, qkvo8 = r.loc["lora_qv_r8"], r.loc["lora_qkvo_r8"]
+    assert round(qv8.pct_params_vs_full, 1) == 11.6 and qv8.diff_vs_full_low < 0 < qv8.diff_vs_full_high
+    assert round(100 * qv8.diff_vs_full, 1) == -0.5
+    assert (r.loc[["lora_qv_r1", "lora_qv_r2"], "diff_vs_full_high"] < 0).all()  # "at ranks 1 and 2 below"
+    assert qkvo8.diff_vs_full_low > 0  # "above it, its paired interval excluding zero"
+    assert [round(100 * qkvo8[k], 1) for k in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high")] == [2.0, 1.2, 2.9]
+    others = r.loc[[f"lora_{t}_r{k}" for t in ("qkvo", "all") for k in (2, 4, 8)]].drop(index="lora_qkvo_r8")
+    assert ((others.diff_vs_full_low < 0) & (others.diff_vs_full_high > 0)).all()  # "not distinguishable"
+    by_count = r[r.index != "full"].groupby("trainable_params")
+    qv_at = {n: g.loc[g.targets == "qv", "acc_B_mean"].iloc[0] for n, g in by_count if (g.targets == "qv").any()}
+    wider = {n: g.loc[g.targets != "qv", "acc_B_mean"].max() for n, g in by_count if (g.targets != "qv").any()}
+    assert wider[1189] > qv_at[1189] and wider[2213] > qv_at[2213] and wider[677] < qv_at[677]
