@@ -9,14 +9,14 @@ PY     := $(VENV)/bin/python
 .PHONY: run text test data clean
 
 run: data
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
 	$(PY) experiment.py readme --model mlp
 	$(PY) experiment.py readme --model transformer
 	if $(PY) text_experiment.py has-gpu; then $(MAKE) text; fi
 
 text: data
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 lora_text.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 lora_text.ipynb
 	$(PY) text_experiment.py readme
 
 test: data
