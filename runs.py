@@ -37,7 +37,8 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
     params = {k: v.to(device).requires_grad_() for k, v in stack(states).items()}
     model = make_model(cfg.model, cfg.dropout)
     set_seed(seeds[0])
-    losses = fit(model, params, tasks["A"]["train"], seeds, cfg.pretrain_lr, cfg.pretrain_epochs, cfg.batch_size)
+    losses = fit(model, params, tasks["A"]["train"], seeds, [cfg.pretrain_lr] * len(seeds), cfg.pretrain_epochs,
+                 cfg.batch_size)
     params = {k: v.detach() for k, v in params.items()}
     return {"params": params, "losses": losses, "acc_A": accuracy(model, params, tasks["A"]["test"]),
             "acc_B": accuracy(model, params, tasks["B"]["test"]),
@@ -68,25 +69,32 @@ def initial_adapters(cfg: Config, method: Method, seeds: list[int], base: dict[s
     return {k: v.to(device) for k, v in stack(adapters).items()}
 
 
-def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: Method, lr: float) -> dict:
-    """Adapt every seed's pretrained model to task B with one method; returns per-seed accuracies."""
+def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: Method,
+             lrs: tuple[float, ...]) -> dict:
+    """Adapt every seed's pretrained model to task B with one method, at each learning rate of `lrs`: all
+    len(lrs) x len(seeds) models train together, model (i, j) at lrs[i] from seed j's base. Returns one list
+    per measure, ordered as the models (learning-rate major)."""
+    seeds_all = [s for _ in lrs for s in seeds]  # (L * S,): learning-rate major
+    base = {k: v.repeat(len(lrs), *[1] * (v.dim() - 1)) for k, v in base.items()}  # (S, ...) -> (L * S, ...)
     model = make_model(cfg.model, cfg.dropout)
     params = {k: v.clone() for k, v in base.items()}  # every method starts from the pretrained weights
     alpha = None
     if method.kind == "lora":
         with quiet_rank_warning():
             add_adapter(model, method)
-        params.update(initial_adapters(cfg, method, seeds, base))
+        params.update(initial_adapters(cfg, method, seeds_all, base))
         (alpha,) = {layer.alpha for _, layer in lora.lora_layers(model)}  # as the layers have it
         alpha = int(alpha) if alpha.is_integer() else alpha
     for name, p in model.named_parameters():  # the template model says what trains
         params[name].requires_grad_(p.requires_grad)
     trainable, total = lora.count_parameters(model)
     set_seed(seeds[0] + method.dropout_seed)
-    losses = fit(model, params, tasks["B"]["train"], seeds, lr, cfg.finetune_epochs, cfg.batch_size)
+    losses = fit(model, params, tasks["B"]["train"], seeds_all, [lr for lr in lrs for _ in seeds],
+                 cfg.finetune_epochs, cfg.batch_size)
     params = {k: v.detach() for k, v in params.items()}
     out = {"method": method.name, "rank": method.rank, "targets": method.targets if method.kind == "lora" else None,
-           "dora": method.dora, "alpha": alpha, "lr": lr, "trainable_params": trainable, "total_params": total,
+           "dora": method.dora, "alpha": alpha, "lrs": [lr for lr in lrs for _ in seeds], "seeds": seeds_all,
+           "trainable_params": trainable, "total_params": total,
            "losses": losses, "val_acc_B": accuracy(model, params, tasks["B"]["val"]),
            "acc_B": accuracy(model, params, tasks["B"]["test"]),
            "acc_A_after": accuracy(model, params, tasks["A"]["test"])}
@@ -101,19 +109,21 @@ def run_key(cfg: Config, device: torch.device) -> str:
     return fingerprint([dataclasses.asdict(cfg), device.type], [ROOT / f for f in TRAINING_CODE])
 
 
-def _runs(cfg: Config, device: torch.device, seeds: list[int], jobs: list[tuple[Method, float]], cache_dir: Path,
-          progress: bool, desc: str, after_each: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
-    """Pretrain once, then finetune each (method, lr) job; every finished run is cached on disk."""
+def _runs(cfg: Config, device: torch.device, seeds: list[int], jobs: list[tuple[Method, tuple[float, ...]]],
+          cache_dir: Path, progress: bool, desc: str, after_each: Callable[[int], None] | None = None
+          ) -> tuple[dict, list[dict]]:
+    """Pretrain once, then finetune each (method, learning rates) job; every finished job is cached on disk."""
     folder = Path(cache_dir) / run_key(cfg, device) / f"seeds_{seeds[0]}-{seeds[-1]}"
     tasks = functools.cache(lambda: load_tasks(cfg, device))  # loaded only if some run is not cached yet
     results = []
     with tqdm(total=1 + len(jobs), desc=desc, disable=not progress, file=sys.stdout, mininterval=1) as bar:
         base = cached(folder / "pretrain.pt", lambda: pretrain(cfg, tasks(), seeds))
         bar.update()
-        for i, (method, lr) in enumerate(jobs):
-            bar.set_postfix_str(f"{method.name} lr={lr:g}", refresh=False)
-            results.append(cached(folder / f"{method.name}_lr{lr:g}.pt",
-                                  lambda: finetune(cfg, tasks(), seeds, base["params"], method, lr)))
+        for i, (method, lrs) in enumerate(jobs):
+            bar.set_postfix_str(method.name, refresh=False)
+            lr_names = "_".join(f"{lr:g}" for lr in lrs)
+            results.append(cached(folder / f"{method.name}_lr{lr_names}.pt",
+                                  lambda: finetune(cfg, tasks(), seeds, base["params"], method, lrs)))
             bar.update()
             if after_each is not None:
                 after_each(i)
@@ -121,18 +131,28 @@ def _runs(cfg: Config, device: torch.device, seeds: list[int], jobs: list[tuple[
 
 
 def tune(cfg: Config, device: torch.device, cache_dir: Path = CACHE, progress: bool = True):
-    """Each method at each learning rate of the grid, on seeds 100.., scored on task B's validation split.
+    """Each method at every learning rate of the grid (all of them trained together), on seeds 100.., scored on
+    task B's validation split.
 
     Returns (grid: one row per method and lr, chosen: {method name: lr with the best mean validation accuracy}).
     The test split is never looked at here.
     """
     seeds = [100 + i for i in range(cfg.tune_seeds)]
-    jobs = [(m, lr) for m in cfg.methods for lr in cfg.lr_grid]
-    _, results = _runs(cfg, device, seeds, jobs, cache_dir, progress, "tune")
-    grid = pd.DataFrame([{"method": r["method"], "lr": r["lr"], "val_acc_B_mean": sum(r["val_acc_B"]) / len(seeds),
-                          "val_acc_B": " ".join(f"{a:.4f}" for a in r["val_acc_B"])} for r in results])
+    _, results = _runs(cfg, device, seeds, [(m, cfg.lr_grid) for m in cfg.methods], cache_dir, progress, "tune")
+    rows = []
+    for r in results:
+        for i, lr in enumerate(cfg.lr_grid):
+            val = r["val_acc_B"][i * len(seeds):(i + 1) * len(seeds)]
+            rows.append({"method": r["method"], "lr": lr, "val_acc_B_mean": sum(val) / len(seeds),
+                         "val_acc_B": " ".join(f"{a:.4f}" for a in val)})
+    grid = pd.DataFrame(rows)
     best = grid.loc[grid.groupby("method", sort=False)["val_acc_B_mean"].idxmax()]  # first (smallest lr) on ties
-    return grid, dict(zip(best["method"], best["lr"]))
+    chosen = dict(zip(best["method"], best["lr"]))
+    edge = {m: lr for m, lr in chosen.items() if len(cfg.lr_grid) > 2 and lr in (min(cfg.lr_grid), max(cfg.lr_grid))}
+    if edge:
+        warnings.warn(f"learning rates chosen at the edge of the grid {cfg.lr_grid}: {edge}; widen lr_grid",
+                      stacklevel=2)
+    return grid, chosen
 
 
 def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_dir: Path = CACHE,
@@ -142,16 +162,16 @@ def run_sweep(cfg: Config, lrs: dict[str, float], device: torch.device, cache_di
     if missing:
         raise ValueError(f"no learning rate for {missing}: run `python experiment.py tune --model {cfg.model}` first")
     seeds = list(range(cfg.seeds))
-    jobs = [(m, lrs[m.name]) for m in cfg.methods]
+    jobs = [(m, (lrs[m.name],)) for m in cfg.methods]
     base, results = _runs(cfg, device, seeds, jobs, cache_dir, progress, "sweep", after_each)
     rows = []
     for r in results:
         for i, s in enumerate(seeds):
             rows.append({"method": r["method"], "rank": r["rank"], "targets": r["targets"], "dora": r["dora"],
                          "alpha": r["alpha"],
-                         "seed": s, "lr": r["lr"],
+                         "seed": s, "lr": r["lrs"][i],
                          "trainable_params": r["trainable_params"], "acc_B": r["acc_B"][i],
                          "acc_A_after": r["acc_A_after"][i], "acc_A_disabled": r.get("acc_A_disabled", [None] * len(seeds))[i],
                          "acc_A_pretrained": base["acc_A"][i], "acc_B_pretrained": base["acc_B"][i],
-                         "loss_first_epoch": r["losses"][0], "loss_last_epoch": r["losses"][-1]})
+                         "loss_first_epoch": r["losses"][i][0], "loss_last_epoch": r["losses"][i][-1]})
     return with_int_columns(pd.DataFrame(rows))

@@ -1,10 +1,15 @@
-"""The stacked trainer: the seeds of one method train together as one model.
+"""The stacked trainer: many models of one architecture train together as one.
 
-torch.func.vmap over functional_call runs every seed's copy of the model at once, with parameters of shape
-(seeds, ...). Adam is elementwise and the losses of different seeds do not interact, so this is exactly
-len(seeds) separate trainings, done in one pass per batch instead of one pass per seed
-(tests/test_trainer.py checks it against the plain loop of plain_loop.py).
+torch.func.vmap over functional_call runs every model's copy at once, with parameters of shape (S, ...): the
+seeds of one method, and during the learning-rate search every (learning rate, seed) pair of the grid. Adam is
+elementwise and the models' losses do not interact, so this is exactly S separate trainings, each at its own
+learning rate, done in one pass per batch instead of S (tests/test_trainer.py checks it against the plain loop
+of plain_loop.py). On CUDA the whole training step is captured once in a CUDA graph and replayed, so a step
+costs one launch instead of hundreds.
 """
+
+import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -16,14 +21,14 @@ def set_seed(seed: int) -> None:
 
 
 def stack(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One dict of (seeds, ...) tensors from one state dict per seed."""
+    """One dict of (S, ...) tensors from one state dict per model."""
     return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
 
 def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run every seed's copy of `model`: params (S, ...) each, x (S, B, 784) per seed or (B, 784) shared.
+    """Run every stacked copy of `model`: params (S, ...) each, x (S, B, 784) per model or (B, 784) shared.
 
-    Returns logits (S, B, 5). Dropout draws independent masks for each seed.
+    Returns logits (S, B, 5). Dropout draws independent masks for each model.
     """
     call = lambda p, x: torch.func.functional_call(model, p, (x,))
     return torch.vmap(call, in_dims=(0, 0 if x.dim() == 3 else None), randomness="different")(params, x)
@@ -31,7 +36,7 @@ def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
-    """Accuracy of each seed's model on (x, y), in eval mode."""
+    """Accuracy of each stacked model on (x, y), in eval mode."""
     x, y = split
     was_training = model.training
     model.eval()
@@ -40,35 +45,90 @@ def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[tor
     return correct.tolist()
 
 
-def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
-        seeds: list[int], lr: float, epochs: int, batch_size: int) -> list[float]:
-    """Train the parameters that require grad in place with Adam and a cosine schedule; returns the mean
-    training loss of each epoch (averaged over seeds).
+class CosineAdam:
+    """Adam (torch.optim.Adam's update and defaults) with a cosine-annealed learning rate per stacked model.
 
-    Each seed shuffles with its own generator, so every method sees the same data order for a given seed.
+    lrs (S,) scales model s's update alone: stacking learning rates is exact. The step count and the schedule
+    live in tensors on the parameters' device, so a CUDA graph can replay `step` unchanged.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lrs: list[float], total_steps: int,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        device = params[0].device
+        self.params, self.total_steps, self.betas, self.eps = params, total_steps, betas, eps
+        self.lrs = torch.tensor(lrs, dtype=torch.float64, device=device)  # (S,)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros((), dtype=torch.float64, device=device)  # steps taken
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        b1, b2 = self.betas
+        lr = self.lrs * (1 + torch.cos(math.pi * self.t / self.total_steps)) / 2  # this step's lr per model (S,)
+        self.t += 1
+        step_size = (lr / (1 - b1 ** self.t)).float()  # (S,)
+        root_bc2 = (1 - b2 ** self.t).sqrt().float()
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / root_bc2).add_(self.eps)
+            p.sub_(step_size.view(-1, *[1] * (p.dim() - 1)) * m / denom)  # (S, 1, ..) * (S, ...)
+
+
+def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
+        seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None) -> list[list[float]]:
+    """Train the parameters that require grad in place, model s with Adam at lrs[s] on a cosine schedule;
+    returns each model's mean training loss per epoch, (S, epochs).
+
+    Model s shuffles with a generator seeded by seeds[s], so every method (and every learning rate) sees the
+    same data order for a given seed. graph: capture the step in a CUDA graph (default: on CUDA).
     """
     x, y = split
     n, S = len(y), len(seeds)
+    if len(lrs) != S:
+        raise ValueError(f"one learning rate per stacked model: {S} seeds but {len(lrs)} learning rates")
     steps_per_epoch = n // batch_size  # the last partial batch is dropped
     trainable = [p for p in params.values() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=lr, fused=True)  # one kernel for all tensors instead of ~10 each
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    opt = CosineAdam(trainable, lrs, total_steps=epochs * steps_per_epoch)
+    idx = torch.zeros(S, batch_size, dtype=torch.long, device=y.device)  # this step's batch (S, B), filled in place
+
+    def step() -> torch.Tensor:
+        xb = x.index_select(0, idx.flatten()).view(S, batch_size, -1)  # (S, B, 784); 2x faster than x[idx]
+        logits = forward(model, params, xb)  # (S, B, 784) -> (S, B, 5)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, idx.flatten()), reduction="none")
+        per_model = loss.view(S, batch_size).mean(1)  # (S,): each model's batch mean
+        opt.step(torch.autograd.grad(per_model.sum(), trainable))  # the sum: model s gets its own gradient
+        return per_model.detach()
+
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model.train()
-    losses = []
-    for _ in range(epochs):
+    use_graph = y.device.type == "cuda" if graph is None else graph
+    run = step
+    losses = torch.zeros(epochs, S, device=y.device)  # summed on the device: no sync per step
+    for e in range(epochs):
         order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(y.device)  # (S, N)
-        total = torch.zeros((), device=y.device)
         for i in range(steps_per_epoch):
-            idx = order[:, i * batch_size:(i + 1) * batch_size]  # (S, B)
-            xb = x.index_select(0, idx.flatten()).view(S, batch_size, -1)  # (S, B, 784); 2x faster than x[idx]
-            logits = forward(model, params, xb)  # (S, B, 784) -> (S, B, 5)
-            # mean over each seed's batch, summed over seeds: each seed gets exactly its own gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten()) * S
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total += loss.detach()
-        losses.append(total.item() / (steps_per_epoch * S))
-    return losses
+            idx.copy_(order[:, i * batch_size:(i + 1) * batch_size])
+            if use_graph and e * steps_per_epoch + i == 3:  # after 3 eager steps have settled the allocations
+                run = capture(step, y.device)
+            losses[e] += run()
+    return (losses / steps_per_epoch).T.tolist()
+
+
+def capture(step, device: torch.device):
+    """`step` replayed from a CUDA graph, or `step` itself, with one warning, where it cannot be captured.
+    Capturing records the step without running it, so no training step is lost or run twice either way."""
+    try:
+        if device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, the data is on {device}")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = step()
+    except Exception as e:  # an op that syncs, a device that cannot capture: run eagerly
+        warnings.warn(f"training step not captured in a CUDA graph, running eagerly: {e}", RuntimeWarning, stacklevel=3)
+        return step
+
+    def replay() -> torch.Tensor:
+        g.replay()
+        return out  # overwritten by the next replay, after the caller has added it up
+    return replay

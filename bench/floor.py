@@ -20,10 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import default_learning_rates, record, table, wall  # first: puts the repo on sys.path
 import runs
 from config import Config, resolve_device
-from models import make_mlp
+from models import add_adapter, make_mlp
 from tasks import load_tasks
-
-import lora
 
 
 def step_flops(model, x, y) -> int:
@@ -49,8 +47,7 @@ def sweep_flops(cfg: Config, tasks) -> dict[str, int]:
     for method in cfg.methods:
         model, r = make_mlp(), method.rank
         if r is not None:
-            lora.add_lora(model, r=r)
-            lora.mark_only_lora_as_trainable(model)
+            add_adapter(model, method)
         out[method.name] = S * cfg.finetune_epochs * (n["B"]["train"] // bs) * step_flops(model, x, y)
         evals = n["B"]["val"] + n["B"]["test"] + n["A"]["test"] * (1 if r is None else 2)
         out["evaluation"] += S * forward_flops(model, x[:1]) * evals

@@ -18,7 +18,7 @@ from common import default_learning_rates, median, record, table, wall  # first:
 import lora
 import runs
 from config import Config, resolve_device
-from models import make_mlp
+from models import add_adapter, make_mlp
 from plain_loop import plain_accuracy, plain_fit
 from tasks import load_tasks
 
@@ -34,16 +34,15 @@ def plain_sweep(cfg: Config, lrs: dict, device: torch.device) -> dict[str, list[
         for test in ("A", "B"):
             plain_accuracy(base, *tasks[test]["test"])
         for method in cfg.methods:
-            model, r = copy.deepcopy(base), method.rank
-            if r is not None:
+            model = copy.deepcopy(base)
+            if method.kind == "lora":
                 torch.manual_seed(seed)
-                lora.add_lora(model, r=r)
-                lora.mark_only_lora_as_trainable(model)
+                add_adapter(model, method)  # DoRA's magnitude starts at the row norms of this seed's pretrained W
             plain_fit(model, *tasks["B"]["train"], seed, lrs[method.name], cfg.finetune_epochs, cfg.batch_size)
             plain_accuracy(model, *tasks["B"]["val"])
             acc[method.name].append(plain_accuracy(model, *tasks["B"]["test"]))
             plain_accuracy(model, *tasks["A"]["test"])
-            if r is not None:
+            if method.kind == "lora":
                 with lora.disable_lora(model):
                     plain_accuracy(model, *tasks["A"]["test"])
     return acc

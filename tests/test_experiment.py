@@ -99,12 +99,29 @@ def test_stacked_seeds_train_exactly_like_separate_models(tasks):
     cfg = dataclasses.replace(QUICK, dropout=0.0)
     small = {t: {s: (x[:600], y[:600]) for s, (x, y) in tasks[t].items()} for t in "AB"}
     seeds, method = [0, 1, 2], Method("lora", 4, show_targets=False)
-    together = runs.finetune(cfg, small, seeds, runs.pretrain(cfg, small, seeds)["params"], method, 1e-2)
-    alone = [runs.finetune(cfg, small, [s], runs.pretrain(cfg, small, [s])["params"], method, 1e-2) for s in seeds]
+    together = runs.finetune(cfg, small, seeds, runs.pretrain(cfg, small, seeds)["params"], method, (1e-2,))
+    alone = [runs.finetune(cfg, small, [s], runs.pretrain(cfg, small, [s])["params"], method, (1e-2,)) for s in seeds]
     for i in range(len(seeds)):
         assert alone[i]["acc_B"][0] == pytest.approx(together["acc_B"][i], abs=1.5 / len(small["B"]["test"][1]))
-    per_epoch_mean = [sum(a["losses"][e] for a in alone) / len(seeds) for e in range(cfg.finetune_epochs)]
-    assert together["losses"] == pytest.approx(per_epoch_mean, rel=1e-4)
+        assert together["losses"][i] == pytest.approx(alone[i]["losses"][0], rel=1e-4)  # each seed's own loss
+    assert together["losses"][0] != together["losses"][1]
+
+
+def test_stacked_learning_rates_train_exactly_like_separate_runs(tasks):
+    """The learning-rate search trains the whole grid at once: the same as one run per learning rate."""
+    cfg = dataclasses.replace(QUICK, dropout=0.0)
+    small = {t: {s: (x[:600], y[:600]) for s, (x, y) in tasks[t].items()} for t in "AB"}
+    seeds, method, lrs = [0, 1], Method("lora", 4, show_targets=False), (1e-3, 1e-2, 3e-2)
+    base = runs.pretrain(cfg, small, seeds)["params"]
+    together = runs.finetune(cfg, small, seeds, base, method, lrs)
+    assert together["lrs"] == [1e-3, 1e-3, 1e-2, 1e-2, 3e-2, 3e-2] and together["seeds"] == seeds * 3
+    for i, lr in enumerate(lrs):
+        alone = runs.finetune(cfg, small, seeds, base, method, (lr,))
+        for j in range(len(seeds)):
+            k = i * len(seeds) + j
+            assert together["losses"][k] == pytest.approx(alone["losses"][j], rel=1e-5)
+            assert together["val_acc_B"][k] == pytest.approx(alone["val_acc_B"][j], abs=1.5 / len(small["B"]["val"][1]))
+    assert len({tuple(ls) for ls in together["losses"]}) == len(together["losses"])  # all six runs differ
 
 
 def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
@@ -113,6 +130,7 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert set(lrs) == set(names) and all(lr in QUICK.lr_grid for lr in lrs.values())
     assert len(grid) == len(names) * len(QUICK.lr_grid)
     assert (per_seed.loss_last_epoch < per_seed.loss_first_epoch).all()
+    assert per_seed.groupby("method").loss_last_epoch.nunique().eq(QUICK.seeds).all()  # each seed's own loss
     assert (per_seed.acc_B > per_seed.acc_B_pretrained).all()  # finetuning on 5-9 helps on 5-9
     lora_rows = per_seed[per_seed.method != "full"]
     assert (lora_rows.acc_A_disabled == lora_rows.acc_A_pretrained).all()  # disable_lora is exact
@@ -127,7 +145,8 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert list(saved.columns) == ["method", "rank", "targets", "dora", "alpha", "trainable_params",
                                    "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "diff_vs_full",
                                    "diff_vs_full_low", "diff_vs_full_high", "diff_vs_lora", "diff_vs_lora_low",
-                                   "diff_vs_lora_high", "acc_A_after_mean", "seeds", "epochs", "batch_size", "lr"]
+                                   "diff_vs_lora_high", "acc_A_after_mean", "acc_A_pretrained_mean", "seeds", "epochs",
+                                   "batch_size", "lr"]
     config = json.loads(out.config.read_text())
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
     assert config["environment"]["torch"] == torch.__version__
@@ -136,7 +155,7 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
 def test_pretraining_loss_goes_down(tasks):
     cfg = dataclasses.replace(QUICK, pretrain_epochs=3)
     small = {t: {s: (x[:2000], y[:2000]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    losses = runs.pretrain(cfg, small, [0])["losses"]
+    (losses,) = runs.pretrain(cfg, small, [0])["losses"]
     assert losses[-1] < losses[0] * 0.7
 
 
@@ -228,7 +247,7 @@ def test_finetuning_leaves_the_callers_warning_filters_alone(tasks):
     small = {t: {s: (x[:300], y[:300]) for s, (x, y) in tasks[t].items()} for t in "AB"}
     base = runs.pretrain(QUICK, small, [0])["params"]
     before = list(warnings.filters)
-    runs.finetune(QUICK, small, [0], base, Method("lora", 8, show_targets=False), 1e-2)  # r = 8 > 5 on the head
+    runs.finetune(QUICK, small, [0], base, Method("lora", 8, show_targets=False), (1e-2,))  # r = 8 > 5 on the head
     assert warnings.filters == before
 
 

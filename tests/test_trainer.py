@@ -33,7 +33,7 @@ def train_both(models: list[torch.nn.Module], seeds: list[int], x, y, lr: float)
     params = {k: v.detach().clone() for k, v in stack([dict(m.named_parameters()) for m in models]).items()}
     for name, p in models[0].named_parameters():
         params[name].requires_grad_(p.requires_grad)
-    losses_stacked = fit(models[0], params, (x, y), seeds, lr, epochs=2, batch_size=32)
+    losses_stacked = fit(models[0], params, (x, y), seeds, [lr] * len(seeds), epochs=2, batch_size=32)
     return alone, losses_alone, params, losses_stacked
 
 
@@ -47,8 +47,8 @@ def test_stacked_full_training_gives_the_weights_of_separate_plain_loops(data):
     for i, m in enumerate(alone):
         for name, p in m.named_parameters():
             assert_same_weights(params[name][i], p)
-    mean_alone = [sum(ls[e] for ls in losses_alone) / len(seeds) for e in range(2)]
-    assert losses_stacked == pytest.approx(mean_alone, rel=1e-5)
+    for stacked, alone_losses in zip(losses_stacked, losses_alone):
+        assert stacked == pytest.approx(alone_losses, rel=1e-5)
     assert not torch.equal(params["0.weight"][0], models[0][0].weight)  # it trained
 
 
@@ -70,3 +70,57 @@ def test_stacked_lora_training_moves_only_the_adapters_like_separate_plain_loops
             if not name.endswith(("lora_A", "lora_B")):
                 assert torch.equal(params[name][i], base.get_parameter(name))  # frozen: bit for bit
     assert params["0.lora_B"].abs().sum() > 0  # the adapters trained
+
+
+def test_stacked_learning_rates_give_the_weights_of_separate_plain_loops(data):
+    torch.manual_seed(0)
+    model = make_mlp(dropout=0.0)
+    lrs = [1e-4, 1e-3, 1e-2]
+    alone, losses_alone = [], []
+    for lr in lrs:
+        m = copy.deepcopy(model)
+        losses_alone.append(plain_fit(m, *data, seed=7, lr=lr, epochs=2, batch_size=32))
+        alone.append(m)
+    params = {k: v.detach().clone().requires_grad_() for k, v in stack([dict(model.named_parameters())] * 3).items()}
+    losses = fit(model, params, data, [7] * 3, lrs, epochs=2, batch_size=32)
+    for i, m in enumerate(alone):
+        assert losses[i] == pytest.approx(losses_alone[i], rel=1e-5)
+        for name, p in m.named_parameters():
+            assert_same_weights(params[name][i], p)
+    assert not torch.allclose(params["0.weight"][0], params["0.weight"][2])  # the learning rates made a difference
+
+
+def test_fit_refuses_a_learning_rate_count_that_is_not_the_model_count(data):
+    params = {k: v.detach().clone().requires_grad_() for k, v in stack([dict(make_mlp().named_parameters())] * 2).items()}
+    with pytest.raises(ValueError, match="2 seeds but 3 learning rates"):
+        fit(make_mlp(), params, data, [0, 1], [1e-3] * 3, epochs=1, batch_size=32)
+
+
+def test_a_step_that_cannot_be_captured_in_a_cuda_graph_runs_eagerly_with_one_warning(data):
+    """On the CPU no graph can be captured: asking for one must warn once and train exactly as without."""
+    torch.manual_seed(0)
+    model = make_mlp(dropout=0.0)
+    start = {k: v.detach().clone().requires_grad_() for k, v in stack([dict(model.named_parameters())] * 2).items()}
+    eager = {k: v.detach().clone().requires_grad_() for k, v in start.items()}
+    losses_eager = fit(model, eager, data, [0, 1], [1e-3] * 2, epochs=2, batch_size=32, graph=False)
+    with pytest.warns(RuntimeWarning, match="not captured in a CUDA graph") as caught:
+        losses = fit(model, start, data, [0, 1], [1e-3] * 2, epochs=2, batch_size=32, graph=True)
+    assert len([w for w in caught if "CUDA graph" in str(w.message)]) == 1
+    assert losses == losses_eager
+    for k in start:
+        assert torch.equal(start[k], eager[k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_graph_step_trains_like_the_eager_step(data):
+    torch.manual_seed(0)
+    model = make_mlp(dropout=0.0).cuda()
+    x, y = (t.cuda() for t in data)
+    start = {k: v.detach().clone().requires_grad_() for k, v in stack([dict(model.named_parameters())] * 2).items()}
+    eager = {k: v.detach().clone().requires_grad_() for k, v in start.items()}
+    losses_eager = fit(model, eager, (x, y), [0, 1], [1e-3, 1e-2], epochs=2, batch_size=32, graph=False)
+    losses = fit(model, start, (x, y), [0, 1], [1e-3, 1e-2], epochs=2, batch_size=32, graph=True)
+    for graphed, eagerly in zip(losses, losses_eager):
+        assert graphed == pytest.approx(eagerly, rel=1e-5)
+    for k in start:
+        assert_same_weights(start[k], eager[k])
