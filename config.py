@@ -76,7 +76,7 @@ class Config:
     def quick(cls, model: str = "mlp") -> "Config":
         """Minutes become seconds: for tests and a first look. Not for conclusions."""
         base = cls.transformer() if model == "transformer" else cls()
-        ranks = (1, 8) if model == "mlp" else (2,)
+        ranks = (1, 4) if model == "mlp" else (2,)
         return dataclasses.replace(base, seeds=2, ranks=ranks, pretrain_epochs=1, finetune_epochs=2,
                                    lr_grid=(1e-3, 1e-2), tune_seeds=1, train_subset=6000)
 

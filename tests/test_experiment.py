@@ -135,8 +135,8 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     lora_rows = per_seed[per_seed.method != "full"]
     assert (lora_rows.acc_A_disabled == lora_rows.acc_A_pretrained).all()  # disable_lora is exact
     assert list(results.method) == names
-    assert results.set_index("method").loc["lora_r8", "trainable_params"] == 1_045 * 8
-    assert results.set_index("method").loc["dora_r8", "trainable_params"] == 1_045 * 8 + 64 + 64 + 5  # + magnitudes
+    assert results.set_index("method").loc["lora_r4", "trainable_params"] == 1_045 * 4
+    assert results.set_index("method").loc["dora_r4", "trainable_params"] == 1_045 * 4 + 64 + 64 + 5  # + magnitudes
     for path in out.all():
         assert path.stat().st_size > 0, path
     assert out.summary == out.root / "results.csv" and out.per_seed == out.root / "results" / "mlp_per_seed.csv"
@@ -170,7 +170,7 @@ def test_a_rerun_is_identical_and_an_interrupted_sweep_resumes_to_the_same_resul
         runs.run_sweep(QUICK, lrs, CPU, cache_dir=tmp_path, progress=False, after_each=interrupt_after_two)
     cached = sorted(p.name for p in tmp_path.rglob("*.pt"))
     assert len(cached) == 3  # pretraining and two finished methods, nothing half-written
-    (next(tmp_path.rglob("seeds_*")) / ".lora_r8_lr0.01.pt.123.tmp").write_bytes(b"torn")  # a killed write
+    (next(tmp_path.rglob("seeds_*")) / ".lora_r4_lr0.01.pt.123.tmp").write_bytes(b"torn")  # a killed write
     resumed = runs.run_sweep(QUICK, lrs, CPU, cache_dir=tmp_path, progress=False)
     pd.testing.assert_frame_equal(resumed, per_seed)
 
