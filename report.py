@@ -51,50 +51,102 @@ def summarize(per_seed: pd.DataFrame, cfg: Config) -> pd.DataFrame:
                 "seeds", "epochs", "batch_size", "lr"]]
 
 
-def plot(results: pd.DataFrame, cfg: Config) -> Figure:
-    """Trainable parameters (log x) against test accuracy on task B, one LoRA line per target set, full
-    finetuning as a band, and for the MLP the reference notebook's table; returns the matplotlib Figure."""
-    reference = REFERENCE if cfg.model == "mlp" else None
-    title = "MLP 784-64-64-5" if cfg.model == "mlp" else "Row transformer (transformer.py)"
+def method_label(row, show_targets: bool = True) -> str:
+    """How a method reads in tables and figures: "full finetuning", "LoRA r=4", "DoRA on Wq, Wv, r=4"."""
+    if row["method"] in ("full", "head"):
+        return {"full": "full finetuning", "head": "linear probe (head only)"}[row["method"]]
+    on = f" on {TARGET_LABELS[row['targets']]}," if show_targets else ""
+    return f"{'DoRA' if row.get('dora', False) else 'LoRA'}{on} r={row['rank']}"
 
-    fig = Figure(figsize=(8, 5), dpi=120)
-    ax = fig.add_subplot()
-    full = results.set_index("method").loc["full"]
-    lo, hi = full["acc_B_mean"] - full["acc_B_std"], full["acc_B_mean"] + full["acc_B_std"]
-    ax.axhspan(lo, hi, color="tab:green", alpha=0.2, lw=0)
-    ax.axhline(full["acc_B_mean"], color="tab:green", lw=1.5,
-               label=f"full finetuning, {int(full['trainable_params']):,} params (mean ± std)")
-    lora_rows = results[results["method"] != "full"]
-    # Series can share a parameter count: each is nudged sideways (x 1, 0.95, 1.05), its labels too.
-    styles = iter([("tab:blue", 1.0, (6, -12), "left"), ("tab:orange", 0.95, (-6, 6), "right"),
-                   ("tab:purple", 1.05, (6, 6), "left")])
-    for (dora, targets), rows in lora_rows.groupby(["dora", "targets"], sort=False):
-        color, nudge, offset, align = next(styles)
-        x = rows["trainable_params"] * nudge
-        ax.errorbar(x, rows["acc_B_mean"], yerr=rows["acc_B_std"], fmt="o-", color=color, capsize=3,
-                    label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_LABELS[targets]} ({int(full['seeds'])} seeds, "
-                          "equal budget)")
-        for xi, (_, row) in zip(x, rows.iterrows()):
-            ax.annotate(f"r={row['rank']}", (xi, row["acc_B_mean"]), textcoords="offset points", xytext=offset,
-                        ha=align, fontsize=8, color=color)
-    if reference is not None:
-        ref_r = [r for r in reference if r != "full"]
-        ax.plot([reference[r][0] for r in ref_r], [reference[r][1] for r in ref_r], "s--", color="tab:gray",
-                mfc="none", label="LoRA, reference notebook (1 seed, up to ~40x our steps)")
-        ax.plot(*reference["full"], "x", color="tab:red", ms=9, mew=2,
-                label="full finetune, reference notebook (trained and tested on 0-4 by a bug)")
+
+def full_band(ax, full, mean: str, std: str) -> None:
+    """Full finetuning as a line at its mean and a band of ± std; its legend entry explains every error bar."""
+    ax.axhspan(full[mean] - full[std], full[mean] + full[std], color="tab:green", alpha=0.2, lw=0)
+    ax.axhline(full[mean], color="tab:green", lw=1.5, label=f"full finetuning, {int(full['trainable_params']):,} "
+               f"params\n(line: mean; band and every error bar: ± std over {int(full['seeds'])} seeds)")
+
+
+def log_params_axis(ax) -> None:
+    """A log x axis of trainable parameters, labelled 1,000 and, smaller, 2,000 and 5,000."""
     ax.set_xscale("log")
-    ax.margins(x=0.08)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     leading = lambda v: round(v / 10 ** math.floor(math.log10(v)))  # 2 for 2,000, 5 for 500, ...
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
         lambda v, _: f"{v:,.0f}" if v > 0 and leading(v) in (2, 5) else ""))  # 2x and 5x ticks only
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy on digits 5-9 (task B)")
-    ax.set_title(f"{title}, MNIST 0-4 → 5-9: LoRA against full finetuning")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str]) -> None:
+    """Each row's paired difference to full finetuning in points with its 95% interval, the first row on top."""
+    y = range(len(rows), 0, -1)
+    diff, low, high = (100 * rows[c].to_numpy() for c in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high"))
+    for yi, d, lo, hi, color in zip(y, diff, low, high, colors):
+        ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="tab:green", lw=1.5)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.set_xlabel("test accuracy − full finetuning's, same seed (points)")
+    ax.set_title("paired difference to full finetuning, 95% interval", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def side_by_side(xs: list[pd.Series], step: float = 1.08) -> list[list[float]]:
+    """Where to draw each series' points on a log x axis: points of different series whose parameter counts lie
+    within 8% of each other are spread `step` apart around their geometric mean, so that no error bar hides
+    another; every other point stays at its own count."""
+    out = [list(map(float, x)) for x in xs]
+    group = []
+    for x, s, i in sorted((x, s, i) for s, xi in enumerate(out) for i, x in enumerate(xi)) + [(math.inf, 0, 0)]:
+        if group and x > 1.08 * group[-1][0]:
+            center = math.prod(g[0] for g in group) ** (1 / len(group))
+            for k, (_, gs, gi) in enumerate(group):
+                out[gs][gi] = center * step ** (k - (len(group) - 1) / 2)
+            group = []
+        group.append((x, s, i))
+    return out
+
+
+def plot(results: pd.DataFrame, cfg: Config) -> Figure:
+    """Left: trainable parameters (log x) against test accuracy on task B, one line per LoRA (or DoRA) target set,
+    full finetuning as a band, and for the MLP the reference notebook's table. Right: each method's paired
+    difference to full finetuning. Returns the matplotlib Figure."""
+    fig = Figure(figsize=(12, 5.2), dpi=120)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    full = results.set_index("method").loc["full"]
+    full_band(ax, full, "acc_B_mean", "acc_B_std")
+    lora_rows = results[results["method"] != "full"]
+    one_target_set = lora_rows["targets"].nunique() == 1  # then every series has its points at the same ranks
+    series = list(lora_rows.groupby(["dora", "targets"], sort=False))
+    xs = side_by_side([rows["trainable_params"] for _, rows in series])
+    colors = dict(zip((key for key, _ in series), ("tab:blue", "tab:orange", "tab:purple")))
+    for ((dora, targets), rows), x in zip(series, xs):
+        # Ranks go on a top axis (one target set) or in the legend: written beside the points, they collide.
+        ranks = "" if one_target_set else ", r = " + ", ".join(str(r) for r in rows["rank"]) + " (left to right)"
+        ax.errorbar(x, rows["acc_B_mean"], yerr=rows["acc_B_std"], fmt="o-", color=colors[dora, targets],
+                    capsize=3, label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_LABELS[targets]}{ranks}")
+    if cfg.model == "mlp":
+        ref_r = [r for r in REFERENCE if r != "full"]
+        ax.plot([REFERENCE[r][0] for r in ref_r], [REFERENCE[r][1] for r in ref_r], "s--", color="tab:gray",
+                mfc="none", label="LoRA, reference notebook (1 seed, up to ~40× our steps)")
+        ax.plot(*REFERENCE["full"], "x", color="0.75", ms=8, mew=2,
+                label="full finetune, reference notebook: not comparable,\na bug trained and tested it on digits 0-4")
+    log_params_axis(ax)
+    ax.margins(x=0.08)
+    if one_target_set:
+        first = lora_rows.drop_duplicates("rank")  # LoRA's counts, where DoRA's are a little higher
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(first["trainable_params"], [str(r) for r in first["rank"]], minor=False)
+        top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        top.set_xlabel("rank r")
+    ax.set_ylabel("test accuracy on digits 5-9 (task B)")
     ax.legend(loc="lower right", fontsize=8)
+
+    difference_panel(bx, lora_rows, [method_label(r, not one_target_set) for _, r in lora_rows.iterrows()],
+                     [colors[r["dora"], r["targets"]] for _, r in lora_rows.iterrows()])
+    title = "MLP 784-64-64-5" if cfg.model == "mlp" else "Row transformer (transformer.py)"
+    fig.suptitle(f"{title}, MNIST 0-4 → 5-9: LoRA against full finetuning, every method "
+                 f"{cfg.finetune_epochs} epochs at batch size {cfg.batch_size}")
     fig.tight_layout()
     return fig
 
@@ -111,14 +163,8 @@ def markdown_table(results: pd.DataFrame, config: dict) -> str:
     interval = lambda r, k: ("" if pd.isna(r[f"{k}_low"]) else
                              f"{100 * r[k]:+.2f} ({100 * r[f'{k}_low']:+.2f} to {100 * r[f'{k}_high']:+.2f})")
     for _, r in results.iterrows():
-        if r["method"] == "full":
-            name = "full finetuning"
-        else:
-            variant = "DoRA" if r["dora"] else "LoRA"
-            name = (f"{variant} r={r['rank']}" if c["model"] == "mlp" else
-                    f"{variant} on {TARGET_LABELS[r['targets']]}, r={r['rank']}")
-        lines.append(f"| {name} | {r['trainable_params']:,} | {r['pct_params_vs_full']:.1f} | "
-                     f"{r['acc_B_mean']:.4f} ± {r['acc_B_std']:.4f} | "
+        lines.append(f"| {method_label(r, show_targets=c['model'] != 'mlp')} | {r['trainable_params']:,} | "
+                     f"{r['pct_params_vs_full']:.1f} | {r['acc_B_mean']:.4f} ± {r['acc_B_std']:.4f} | "
                      f"{'' if r['method'] == 'full' else interval(r, 'diff_vs_full')} |"
                      + (f" {interval(r, 'diff_vs_lora')} |" if has_dora else "")
                      + f" {r['acc_A_after_mean']:.3f} | {r['lr']:g} |")

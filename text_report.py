@@ -3,26 +3,17 @@
 import json
 from pathlib import Path
 
-import matplotlib.ticker
 import pandas as pd
 from matplotlib.figure import Figure
 
-from report import TARGET_LABELS, replace_readme_block
+from report import (TARGET_LABELS, difference_panel, full_band, log_params_axis, method_label,
+                    replace_readme_block, side_by_side)
 from stats import mean_ci, paired_differences
 from storage import Outputs, load_results, with_int_columns
 from text_config import TextConfig
 
 MARKERS = ("<!-- text results: written by `python text_experiment.py readme` from results/text.csv and "
            "results/text_config.json -->", "<!-- end of text results -->")
-
-
-def label(row) -> str:
-    """How a method reads in tables and legends."""
-    if row["method"] == "head":
-        return "linear probe (head only)"
-    if row["method"] == "full":
-        return "full finetuning"
-    return f"LoRA on {TARGET_LABELS[row['targets']]}, r={row['rank']}"
 
 
 def summarize(per_seed: pd.DataFrame, cfg: TextConfig) -> pd.DataFrame:
@@ -45,43 +36,30 @@ def summarize(per_seed: pd.DataFrame, cfg: TextConfig) -> pd.DataFrame:
 def plot(results: pd.DataFrame, majority: float) -> Figure:
     """Left: trainable parameters (log x) against test accuracy, mean ± std over seeds. Right: each method's
     paired difference to full finetuning with its 95% interval."""
-    fig = Figure(figsize=(12, 5), dpi=120)
+    fig = Figure(figsize=(12, 5.2), dpi=120)
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     by = results.set_index("method")
     full, head = by.loc["full"], by.loc["head"]
-    ax.axhspan(full.acc_mean - full.acc_std, full.acc_mean + full.acc_std, color="tab:green", alpha=0.2, lw=0)
-    ax.axhline(full.acc_mean, color="tab:green", lw=1.5,
-               label=f"full finetuning, {int(full.trainable_params):,} params (mean ± std)")
+    full_band(ax, full, "acc_mean", "acc_std")
     ax.axhline(majority, color="tab:gray", ls=":", lw=1.2, label=f"always 'positive' (majority class), {majority:.3f}")
     ax.errorbar([head.trainable_params], [head.acc_mean], yerr=[head.acc_std], fmt="s", color="tab:red", capsize=3,
                 label=f"linear probe (head only), {int(head.trainable_params):,} params")
-    qv = results[results.targets == "qv"]
-    ax.errorbar(qv.trainable_params, qv.acc_mean, yerr=qv.acc_std, fmt="o-", color="tab:blue", capsize=3,
-                label="LoRA on Wq, Wv (+ head), r = " + ", ".join(str(r) for r in qv["rank"]))
-    for _, row in qv.iterrows():
-        ax.annotate(f"r={row['rank']}", (row.trainable_params, row.acc_mean), textcoords="offset points",
-                    xytext=(5, -12), fontsize=8, color="tab:blue")
-    for targets, color in (("qkvo", "tab:orange"), ("all", "tab:purple")):
-        row = results[results.targets == targets].iloc[0]
-        ax.errorbar([row.trainable_params], [row.acc_mean], yerr=[row.acc_std], fmt="D", color=color, capsize=3,
-                    label=f"LoRA on {TARGET_LABELS[targets]} (+ head), r={row['rank']}")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    ax.set_xlabel("trainable parameters (log scale)")
+    series = [results[results.targets == t] for t in ("qv", "qkvo", "all")]
+    colors = {"qv": "tab:blue", "qkvo": "tab:orange", "all": "tab:purple"}
+    for rows, x in zip(series, side_by_side([rows.trainable_params for rows in series])):
+        targets, ranks = rows.targets.iloc[0], ", ".join(str(r) for r in rows["rank"])
+        ax.errorbar(x, rows.acc_mean, yerr=rows.acc_std, fmt="o-" if len(rows) > 1 else "D", color=colors[targets],
+                    capsize=3, label=f"LoRA on {TARGET_LABELS[targets]} (+ head), r = {ranks}"
+                                     + (" (left to right)" if len(rows) > 1 else ""))
+    log_params_axis(ax)
     ax.set_ylabel("test accuracy, positive vs negative review")
-    ax.set_title(f"MiniLM-L6 on drug-review sentiment ({int(full.seeds)} seeds, equal budget)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="lower right", fontsize=8)
 
-    others = results[results.method != "full"].iloc[::-1]
-    y = range(len(others))
-    err = [others.diff_vs_full - others.diff_vs_full_low, others.diff_vs_full_high - others.diff_vs_full]
-    bx.errorbar(100 * others.diff_vs_full, y, xerr=[100 * e for e in err], fmt="o", color="black", capsize=3)
-    bx.axvline(0, color="tab:green", lw=1.5)
-    bx.set_yticks(list(y), [label(r) for _, r in others.iterrows()], fontsize=8)
-    bx.set_xlabel("test accuracy − full finetuning's, same seed (points)")
-    bx.set_title("paired difference to full finetuning, 95% interval", fontsize=10)
-    bx.grid(True, axis="x", alpha=0.3)
+    others = results[results.method != "full"]
+    difference_panel(bx, others, [method_label(r) for _, r in others.iterrows()],
+                     [colors.get(t, "tab:red") for t in others.targets])
+    fig.suptitle(f"MiniLM-L6 on drug-review sentiment: LoRA against full finetuning, every method "
+                 f"{int(full.epochs)} epochs at batch size {int(full.batch_size)}")
     fig.tight_layout()
     return fig
 
@@ -93,7 +71,7 @@ def markdown_table(results: pd.DataFrame, config: dict) -> str:
     for _, r in results.iterrows():
         diff = ("" if r["method"] == "full" else
                 f"{100 * r['diff_vs_full']:+.1f} ({100 * r['diff_vs_full_low']:+.1f} to {100 * r['diff_vs_full_high']:+.1f})")
-        lines.append(f"| {label(r)} | {r['trainable_params']:,} | {r['acc_mean']:.4f} ± {r['acc_std']:.4f} | "
+        lines.append(f"| {method_label(r)} | {r['trainable_params']:,} | {r['acc_mean']:.4f} ± {r['acc_std']:.4f} | "
                      f"{r['acc_ci_low']:.3f}–{r['acc_ci_high']:.3f} | {diff} | {r['lr']:g} |")
     c, env, data = config["config"], config["environment"], config["data"]
     lines += ["", f"{c['seeds']} seeds; {data['train']} training, {data['val']} validation and {data['test']} test "
@@ -128,7 +106,7 @@ def discussion(results: pd.DataFrame, majority: float) -> str:
              f"{full.acc_mean:.4f} ± {full.acc_std:.4f} with {int(full.trainable_params):,} trainable parameters."]
     for method, r in by.drop(index="full").iterrows():
         share = 100 * r.trainable_params / full.trainable_params
-        lines.append(f"- {label({**r, 'method': method})}: {r.acc_mean:.4f} ± {r.acc_std:.4f} with "
+        lines.append(f"- {method_label({**r, 'method': method})}: {r.acc_mean:.4f} ± {r.acc_std:.4f} with "
                      f"{int(r.trainable_params):,} parameters ({share:.2f}% of full's); paired difference "
                      f"{100 * r.diff_vs_full:+.1f} points ({100 * r.diff_vs_full_low:+.1f} to "
                      f"{100 * r.diff_vs_full_high:+.1f}): {verdict(r)}.")
