@@ -36,8 +36,8 @@ def wall(fn, device: torch.device) -> float:
 
 
 def default_learning_rates(cfg: Config) -> dict[str, float]:
-    """The committed learning rates of the default MLP experiment."""
-    return storage.load_learning_rates(storage.Outputs("mlp"), cfg.tuning_fields(), experiment.tune_command(cfg))
+    """The committed learning rates of the default experiment of cfg.model."""
+    return storage.load_learning_rates(storage.Outputs(cfg.model), cfg.tuning_fields(), experiment.tune_command(cfg))
 
 
 def median(xs: list[float]) -> float:

@@ -2,7 +2,7 @@
 evaluations), or of the learning-rate search (--phase search: every method at every learning rate of the grid on
 the tuning seeds), the median of several repetitions, each with an empty run cache.
 
-    python bench/sweep_time.py [--phase sweep|search] [--device auto|cpu|cuda] [--repeats 3]
+    python bench/sweep_time.py [--phase sweep|search] [--model mlp|transformer] [--device auto|cpu|cuda] [--repeats 3]
 """
 
 import argparse
@@ -12,6 +12,7 @@ import pandas as pd
 
 from common import ROOT, default_learning_rates, median, record, table, wall  # first: puts the repo on sys.path
 import runs
+import storage
 from config import Config, resolve_device
 
 
@@ -20,9 +21,10 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=("sweep", "search"), default="sweep")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
     args = p.parse_args()
     device = resolve_device(args.device)
-    cfg = Config()
+    cfg = Config.default(args.model)
     lrs = default_learning_rates(cfg)
     times, out = [], {}
     for _ in range(args.repeats):
@@ -37,15 +39,15 @@ def main():
                  [[str(device), ", ".join(f"{t:.2f}" for t in times), f"**{median(times):.2f}**"]])
     seeds = cfg.seeds if args.phase == "sweep" else f"{cfg.tune_seeds} tuning"
     grid = "" if args.phase == "sweep" else f", {len(cfg.lr_grid)} learning rates each"
-    body += (f"\n\nDefault config: {seeds} seeds, {len(cfg.methods)} methods{grid}, {cfg.pretrain_epochs}+"
+    body += (f"\n\nDefault {cfg.model} config: {seeds} seeds, {len(cfg.methods)} methods{grid}, {cfg.pretrain_epochs}+"
              f"{cfg.finetune_epochs} epochs at batch size {cfg.batch_size}.")
     if args.phase == "sweep":  # the same table on this device as the committed one, within the seeds' spread?
-        committed = pd.read_csv(ROOT / "results.csv").set_index("method")
+        committed = pd.read_csv(storage.Outputs(cfg.model, ROOT).summary).set_index("method")
         here = out["sweep"].groupby("method", sort=False)["acc_B"].mean()
         rows = [[m, f"{here[m]:.4f}", f"{committed.acc_B_mean[m]:.4f} ± {committed.acc_B_std[m]:.4f}",
                  f"{(here[m] - committed.acc_B_mean[m]) / committed.acc_B_std[m]:+.2f}"] for m in here.index]
-        body += ("\n\nTest accuracy on 5-9, mean of the seeds, here against the committed results.csv (mean ± std "
-                 "over seeds):\n\n" + table(["method", "here", "results.csv", "difference / std"], rows))
+        body += ("\n\nTest accuracy on 5-9, mean of the seeds, here against the committed summary CSV (mean ± std "
+                 "over seeds):\n\n" + table(["method", "here", "committed", "difference / std"], rows))
     title = "1. End-to-end sweep wall time" if args.phase == "sweep" else "1b. Learning-rate search wall time"
     record(title, body, device)
 
