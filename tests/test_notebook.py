@@ -137,3 +137,24 @@ def test_the_readme_prose_on_the_transformer_experiment_matches_its_results():
     qv_at = {n: g.loc[g.targets == "qv", "acc_B_mean"].iloc[0] for n, g in by_count if (g.targets == "qv").any()}
     wider = {n: g.loc[g.targets != "qv", "acc_B_mean"].max() for n, g in by_count if (g.targets != "qv").any()}
     assert wider[1189] > qv_at[1189] and wider[2213] > qv_at[2213] and wider[677] < qv_at[677]
+
+
+def test_the_bench_readme_quotes_bench_results():
+    """Every decimal (and every number of three or more digits) in bench/README.md's table of measurements is,
+    to its printed digits, a number recorded in bench/RESULTS.md; PEFT's ratio to the frozen layer is computed."""
+    readme = (ROOT / "bench" / "README.md").read_text()
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    recorded = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", results)]
+    section = readme.split("## What was measured")[1].split("## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # below the header and |---|
+    measured = " ".join(line.rsplit("|", 2)[0] for line in rows)  # without the last column, the targets
+    quoted = re.findall(r"(?<![\w.])\d+\.\d+|(?<![\w.])\d{3,}(?![\w.])", measured)
+    assert len(quoted) > 20
+    for q in quoted:
+        digits = len(q.split(".")[1]) if "." in q else 0
+        assert any(round(x, digits) == float(q) for x in recorded), f"{q} is not in bench/RESULTS.md"
+    layer = results.split("### 4. LoRALinear")[1].split("Inference")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in layer.splitlines() if re.match(r"\| \d", line)]
+    peft_vs_frozen = [float(r[4]) / float(r[2]) for r in rows]
+    claim = f"PEFT's layer runs at {min(peft_vs_frozen):.2f}–{max(peft_vs_frozen):.2f}× the frozen one"
+    assert claim in " ".join(readme.split())
