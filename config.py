@@ -69,7 +69,7 @@ class Config:
     def transformer(cls) -> "Config":
         """The transformer experiment, sized to run in minutes on 2 CPU cores: 12,000 of the training images."""
         return cls(model="transformer", target_sets=("qv", "qkvo", "all"), ranks=(1, 2, 4, 8), seeds=3,
-                   pretrain_epochs=3, finetune_epochs=2, pretrain_lr=3e-3, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+                   pretrain_epochs=3, finetune_epochs=2, pretrain_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
                    tune_seeds=2, dropout=0.0, train_subset=12_000, dora=False)
 
     @classmethod

@@ -125,53 +125,24 @@ def test_the_readme_prose_on_the_mlp_experiment_matches_its_results():
     assert (dora.trainable_params.to_numpy() - lora.trainable_params.to_numpy() == 133).all()
     assert not (dora.diff_vs_lora_low > 0).any()  # "at no rank is it above LoRA"
     below = dora[dora.diff_vs_lora_high < 0]
-    assert list(below["rank"]) == [4, 8, 16] and (below.diff_vs_lora.between(-0.0025, -0.001)).all()  # "0.1-0.2"
+    assert list(below["rank"]) == [4, 32] and (below.diff_vs_lora.between(-0.0035, -0.0015)).all()  # "0.2-0.3"
 
 
 def test_the_readme_prose_on_the_transformer_experiment_matches_its_results():
     r = storage.load_results(storage.Outputs("transformer")).set_index("method")
-    qv8, qkvo8 = r.loc["lora_qv_r8"], r.loc["lora_qkvo_r8"]
-    assert round(qv8.pct_params_vs_full, 1) == 11.6 and qv8.diff_vs_full_low < 0 < qv8.diff_vs_full_high
-    assert round(100 * qv8.diff_vs_full, 1) == -0.5
-    assert (r.loc[["lora_qv_r1", "lora_qv_r2"], "diff_vs_full_high"] < 0).all()  # "at ranks 1 and 2 below"
-    assert qkvo8.diff_vs_full_low > 0  # "above it, its paired interval excluding zero"
-    assert [round(100 * qkvo8[k], 1) for k in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high")] == [2.0, 1.2, 2.9]
-    others = r.loc[[f"lora_{t}_r{k}" for t in ("qkvo", "all") for k in (2, 4, 8)]].drop(index="lora_qkvo_r8")
+    qv8 = r.loc["lora_qv_r8"]
+    assert round(qv8.pct_params_vs_full, 1) == 11.6
+    assert [round(100 * qv8[k], 1) for k in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high")] == [-0.8, -4.0, 2.4]
+    assert (r.loc[["lora_qv_r1", "lora_qv_r2", "lora_qv_r4"], "diff_vs_full_high"] < 0).all()  # "ranks 1 to 4 below"
+    assert not (r.diff_vs_full_low > 0).any()  # "No LoRA variant is above full finetuning"
+    others = r.loc[[f"lora_{t}_r{k}" for t in ("qkvo", "all") for k in (2, 4, 8)]]
     assert ((others.diff_vs_full_low < 0) & (others.diff_vs_full_high > 0)).all()  # "not distinguishable"
-    # "At equal parameter counts ... better than Wq, Wv alone at 1,189 and 2,213": the notebook's discussion
+    assert ((others.diff_vs_full_high - others.diff_vs_full_low) > 0.04).all()  # "intervals several points wide"
+    # The notebook's discussion: "at 677, 1,189 and 2,213 trainable parameters ... did better than Wq, Wv alone"
     by_count = r[r.index != "full"].groupby("trainable_params")
     qv_at = {n: g.loc[g.targets == "qv", "acc_B_mean"].iloc[0] for n, g in by_count if (g.targets == "qv").any()}
     wider = {n: g.loc[g.targets != "qv", "acc_B_mean"].max() for n, g in by_count if (g.targets != "qv").any()}
-    assert wider[1189] > qv_at[1189] and wider[2213] > qv_at[2213] and wider[677] < qv_at[677]
-
-
-def test_the_bench_readme_quotes_bench_results():
-    """Every decimal (and every number of three or more digits) in bench/README.md's table of measurements is,
-    to its printed digits, a number recorded in bench/RESULTS.md; PEFT's ratio to the frozen layer is computed."""
-    readme = (ROOT / "bench" / "README.md").read_text()
-    results = (ROOT / "bench" / "RESULTS.md").read_text()
-    recorded = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", results)]
-    section = readme.split("## What was measured")[1].split("## ")[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # below the header and |---|
-    measured = " ".join(line.rsplit("|", 2)[0] for line in rows)  # without the last column, the targets
-    quoted = re.findall(r"(?<![\w.])\d+\.\d+|(?<![\w.])\d{3,}(?![\w.])", measured)
-    assert len(quoted) > 20
-    for q in quoted:
-        digits = len(q.split(".")[1]) if "." in q else 0
-        assert any(round(x, digits) == float(q) for x in recorded), f"{q} is not in bench/RESULTS.md"
-    layer = results.split("### 4. LoRALinear")[1].split("Inference")[0]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in layer.splitlines() if re.match(r"\| \d", line)]
-    peft_vs_frozen = [float(r[4]) / float(r[2]) for r in rows]
-    claim = f"PEFT's layer runs at {min(peft_vs_frozen):.2f}–{max(peft_vs_frozen):.2f}× the frozen one"
-    assert claim in " ".join(readme.split())
-
-
-def test_every_lora_run_used_alpha_equal_to_r():
-    """The README: "The experiments use alpha = r (scaling 1)"."""
-    for model in MODELS:
-        results = storage.load_results(storage.Outputs(model))
-        lora = results[results["rank"].notna()]
-        assert len(lora) and (lora.alpha == lora["rank"]).all(), model
+    assert all(wider[n] > qv_at[n] for n in (677, 1189, 2213))
 
 
 def test_the_readme_prose_on_the_reference_notebook_matches_its_table_and_ours():
@@ -179,7 +150,7 @@ def test_the_readme_prose_on_the_reference_notebook_matches_its_table_and_ours()
     ours = storage.load_results(storage.Outputs("mlp")).set_index("method").acc_B_mean
     ref = {r: acc for r, (_, acc) in report.REFERENCE.items() if r != "full"}
     quoted = f"({ours['lora_r1']:.3f} and {ours['lora_r2']:.3f} against its {ref[1]:.3f} and {ref[2]:.3f})"
-    assert quoted == "(0.904 and 0.945 against its 0.875 and 0.931)" and quoted in readme
+    assert quoted == "(0.904 and 0.942 against its 0.875 and 0.931)" and quoted in readme
     assert all(abs(ours[f"lora_r{r}"] - acc) < 0.005 for r, acc in ref.items() if r >= 4)  # "within half a point"
     # Steps: the reference trained at batch 64 for at most 100 epochs on the digits 5-9 of its 55,000-image split;
     # ours of the same size stands in for its random split ("about 421" steps an epoch).
