@@ -135,8 +135,8 @@ def test_the_readme_prose_on_the_transformer_experiment_matches_its_results():
     assert [round(100 * qv8[k], 1) for k in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high")] == [-0.8, -4.0, 2.4]
     assert (r.loc[["lora_qv_r1", "lora_qv_r2", "lora_qv_r4"], "diff_vs_full_high"] < 0).all()  # "ranks 1 to 4 below"
     assert not (r.diff_vs_full_low > 0).any()  # "No LoRA variant is above full finetuning"
-    others = r.loc[[f"lora_{t}_r{k}" for t in ("qkvo", "all") for k in (2, 4, 8)]]
-    assert ((others.diff_vs_full_low < 0) & (others.diff_vs_full_high > 0)).all()  # "not distinguishable"
+    others = r.loc[[f"lora_{t}_r{k}" for t in ("qkvo", "all") for k in (1, 2, 4, 8)]]
+    assert ((others.diff_vs_full_low < 0) & (others.diff_vs_full_high > 0)).all()  # "not distinguishable ... any rank"
     assert ((others.diff_vs_full_high - others.diff_vs_full_low) > 0.04).all()  # "intervals several points wide"
     # The notebook's discussion: "at 677, 1,189 and 2,213 trainable parameters ... did better than Wq, Wv alone"
     by_count = r[r.index != "full"].groupby("trainable_params")
