@@ -145,6 +145,48 @@ def test_the_readme_prose_on_the_transformer_experiment_matches_its_results():
     assert all(wider[n] > qv_at[n] for n in (677, 1189, 2213))
 
 
+def test_the_bench_readme_quotes_bench_results():
+    """Every decimal (and every number of three or more digits) in bench/README.md's table of measurements is,
+    to its printed digits, a number recorded in bench/RESULTS.md; PEFT's ratio to the frozen layer is computed."""
+    readme = (ROOT / "bench" / "README.md").read_text()
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    recorded = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", results)]
+    section = readme.split("## What was measured")[1].split("## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # below the header and |---|
+    measured = " ".join(line.rsplit("|", 2)[0] for line in rows)  # without the last column, the targets
+    quoted = re.findall(r"(?<![\w.])\d+\.\d+|(?<![\w.])\d{3,}(?![\w.])", measured)
+    assert len(quoted) > 20
+    for q in quoted:
+        digits = len(q.split(".")[1]) if "." in q else 0
+        assert any(round(x, digits) == float(q) for x in recorded), f"{q} is not in bench/RESULTS.md"
+    layer = results.split("### 4. LoRALinear")[1].split("Inference")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in layer.splitlines() if re.match(r"\| \d", line)]
+    peft_vs_frozen = [float(r[4]) / float(r[2]) for r in rows]
+    claim = f"PEFT's layer runs at {min(peft_vs_frozen):.2f}–{max(peft_vs_frozen):.2f}× the frozen one"
+    assert claim in " ".join(readme.split())
+
+
+def test_every_lora_run_used_alpha_equal_to_r():
+    """The README: "The experiments use alpha = r (scaling 1)"."""
+    for model in MODELS:
+        results = storage.load_results(storage.Outputs(model))
+        lora = results[results["rank"].notna()]
+        assert len(lora) and (lora.alpha == lora["rank"]).all(), model
+
+
+def test_the_readme_speed_summary_quotes_bench_results():
+    """The README's speed lines, each next to the bench/RESULTS.md record it rounds."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    before, after = results.split("## Issue 11: before")[1].split("## Issue 11: after")
+    claims = {"search takes 8 s": (after, "**8.15**"), "its sweep 7 s": (after, "**7.14**"),
+              "from 484 s and 79 s": (before, "483.82"), "the search takes 205 s": (after, "**205.16**"),
+              "the sweep is 2.19× a plain loop": (after, "**2.19x**")}
+    for claim, (section, record) in claims.items():
+        assert claim in readme and record in section, claim
+    assert "79.21" in before
+
+
 def test_the_readme_prose_on_the_reference_notebook_matches_its_table_and_ours():
     readme = " ".join((ROOT / "README.md").read_text().split())
     ours = storage.load_results(storage.Outputs("mlp")).set_index("method").acc_B_mean
