@@ -32,28 +32,23 @@ freezes a pretrained weight W and learns a low-rank update beside it:
   `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
 - merge() folds the update into W in place, keeping no copy of W; unmerge() takes it out again, up to
   rounding (see merge). A merged layer refuses to train rather than silently train nothing.
-- save_peft_adapter and load_peft_adapter write and read Hugging Face PEFT's adapter format (they import
-  safetensors, nothing else here does).
+- Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
 
     import lora
     names = lora.add_lora(model, r=8, targets=["query", "value"])   # use_dora=True for DoRA
     lora.mark_only_lora_as_trainable(model)
     ...train...
-    torch.save(lora.lora_state_dict(model), "adapter.pt")   # or lora.save_peft_adapter(model, "adapter/")
+    torch.save(lora.lora_state_dict(model), "adapter.pt")   # or lora_peft.save_peft_adapter(model, "adapter/")
     model = lora.merge_lora(model)          # plain nn.Linear layers again, for deployment
 """
 
 import contextlib
 import fnmatch
-import json
 import math
 import numbers
-import os
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -393,7 +388,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     mark_only_lora_as_trainable(bias=...) left trainable, and each layer's hyperparameters as 0-dim tensors
     `<path>.lora_alpha` and `<path>.lora_use_rslora` (r is lora_A's first dimension), so that loading into a
     layer with another alpha fails instead of silently changing the update. A module trained in full
-    (a classifier head) is not an adapter: save its state_dict too, or use save_peft_adapter.
+    (a classifier head) is not an adapter: save its state_dict too, or use lora_peft.save_peft_adapter.
     """
     keep = {f"{n}.{p}" for n, layer in lora_layers(model) for p in ADAPTER_NAMES if hasattr(layer, p)}
     keep.update(_trained_biases(model))
@@ -481,249 +476,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# --- Hugging Face PEFT's adapter format -----------------------------------------------------------------------
-# A folder with adapter_config.json (a LoraConfig) and adapter_model.safetensors, keyed
-#   base_model.model.<path>.lora_A.weight  (r, in)     base_model.model.<path>.lora_B.weight  (out, r)
-#   base_model.model.<path>.lora_magnitude_vector (out,), for DoRA
-#   base_model.model.<path>.base_layer.bias  for the bias of a LoRA layer, <path>.bias for any other bias
-#   base_model.model.<module>.<name>  for each tensor of a module in modules_to_save
-# PEFT selects target_modules by regex (a string, matching the whole name) or by list (the whole name or its
-# dotted end), modules_to_save by name suffix, and rank_pattern/alpha_pattern keys by regex on the name's end.
-
-PEFT_PREFIX = "base_model.model."
-_PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
-              "use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
-_PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
-                     "inference_mode", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
-                     "corda_config", "lora_ga_config", "runtime_config"}  # no effect on a loaded adapter
-_PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others change W or the layer (pissa, loftq, ...)
-
-
-def _peft_selects(targets: str | list[str], name: str) -> bool:
-    """Whether PEFT's target_modules (or exclude_modules) select the module called `name`."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _peft_pattern(patterns: dict, name: str, default):
-    """The value PEFT's rank_pattern or alpha_pattern gives module `name`: the first key matching its end."""
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
-
-
-def _peft_trained(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[str, list[str]]:
-    """(PEFT's `bias` setting, its `modules_to_save`) for what is trainable in the model besides the adapters."""
-    modules_to_save = []
-    for name, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if isinstance(module, LoRALinear) and module.weight.requires_grad:
-            raise ValueError(f"layer {name!r} trains its base weight W, which PEFT's format cannot hold "
-                             "(mark_only_lora_as_trainable freezes it)")
-        if not isinstance(module, LoRALinear) and any(p.requires_grad for n, p in own.items() if n != "bias"):
-            if frozen := [n for n, p in own.items() if not p.requires_grad]:
-                raise ValueError(f"module {name!r} trains some of its parameters but not {frozen}; PEFT saves a "
-                                 "module trained in full (modules_to_save) or only the biases")
-            modules_to_save.append(name)
-    trained = set(_trained_biases(model))
-    lora_only = {f"{n}.bias" for n, layer in layers.items() if layer.bias is not None}
-    every = {f"{n}.bias" for n, m in model.named_modules()
-             if isinstance(getattr(m, "bias", None), nn.Parameter) and n not in modules_to_save}
-    for mode, biases in (("none", set()), ("lora_only", lora_only), ("all", every)):
-        if trained == biases:
-            return mode, modules_to_save
-    raise ValueError(f"the trainable biases {sorted(trained)} are neither every bias (PEFT's bias='all') nor those "
-                     "of the LoRA layers ('lora_only'): set them with mark_only_lora_as_trainable(bias=...)")
-
-
-def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the model's adapter as PEFT does, so PeftModel.from_pretrained(base, directory) reproduces its outputs.
-
-    adapter_config.json: r and lora_alpha are the most common values, rank_pattern and alpha_pattern name the
-    layers that differ; `bias` ("none", "all", "lora_only") is read off the trainable biases; every other module
-    with trainable parameters (a classifier head trained in full) becomes `modules_to_save`.
-    adapter_model.safetensors: the tensors, named as PEFT names them. Everything is checked before writing.
-    """
-    from safetensors.torch import save_file
-
-    layers = dict(lora_layers(model))
-    if not layers:
-        raise ValueError("model has no LoRA layers to save (call add_lora first)")
-    if merged := [n for n, layer in layers.items() if layer.merged]:
-        raise ValueError(f"layers {merged} are merged, so their weight is not the base model's: unmerge() them")
-    for setting in ("use_rslora", "use_dora", "dropout"):
-        if len({getattr(layer, setting) for layer in layers.values()}) > 1:
-            raise ValueError(f"PEFT's format holds one {setting} for all layers, but they differ: "
-                             f"{ {n: getattr(layer, setting) for n, layer in layers.items()} }")
-    bias, modules_to_save = _peft_trained(model, layers)
-    names = [n for n, _ in model.named_modules() if n]
-    for t in modules_to_save:
-        if others := [n for n in names if n.endswith(t) and n != t]:
-            raise ValueError(f"PEFT picks modules_to_save by the end of the name, so {t!r} would also pick {others}")
-    targets = list(layers)
-    if {n for n in names if _peft_selects(targets, n)} != set(targets):  # a name is the dotted end of another
-        targets = "(" + "|".join(map(re.escape, layers)) + ")"
-    ranks, alphas = [layer.r for layer in layers.values()], [layer.alpha for layer in layers.values()]
-    r, alpha = max(ranks, key=ranks.count), max(alphas, key=alphas.count)
-    number = lambda a: int(a) if float(a).is_integer() else a
-    first = next(iter(layers.values()))
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-              "r": r, "lora_alpha": number(alpha), "target_modules": targets, "lora_dropout": first.dropout,
-              "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": bias,
-              "modules_to_save": modules_to_save or None, "fan_in_fan_out": False, "init_lora_weights": True,
-              "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
-              "alpha_pattern": {"^" + re.escape(n): number(layer.alpha) for n, layer in layers.items()
-                                if layer.alpha != alpha}}
-    tensors = {}
-    for n, layer in layers.items():
-        tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = layer.lora_A, layer.lora_B
-        if layer.use_dora:
-            tensors[f"{n}.lora_magnitude_vector"] = layer.lora_magnitude
-    if bias != "none":
-        for key in _trained_biases(model):
-            path = key.rpartition(".")[0]
-            tensors[f"{path}.base_layer.bias" if path in layers else key] = model.get_parameter(key)
-    for m in modules_to_save:
-        tensors.update({f"{m}.{k}": v for k, v in model.get_submodule(m).state_dict().items()})
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-              folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _check_peft_config(config: dict, folder: Path) -> None:
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type {config.get('peft_type')!r} is not supported, only 'LORA' (LoRA and DoRA)")
-    if unsupported := {k: v for k, v in config.items()
-                       if k not in _PEFT_READ | _PEFT_BOOKKEEPING and v not in (None, False, {}, [], "")}:
-        raise ValueError(f"adapter settings {unsupported} are not supported: load_peft_adapter honours "
-                         f"{sorted(_PEFT_READ)} and needs every other setting at its default")
-    if config.get("init_lora_weights", True) not in _PEFT_INITS:
-        raise ValueError(f"init_lora_weights={config['init_lora_weights']!r} is not supported: it changes the base "
-                         f"weights or the layer; accepted: {_PEFT_INITS}")
-    if config.get("bias", "none") not in BIAS_MODES:
-        raise ValueError(f"bias={config['bias']!r} is not supported; accepted: {BIAS_MODES}")
-    if others := sorted(p.parent.name for p in folder.glob("*/adapter_config.json")):
-        raise ValueError(f"{folder} holds several adapters (also {others}); load one adapter's folder")
-
-
-def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple[dict, dict]:
-    """PEFT's tensors sorted: ({LoRA module: {"lora_A" | "lora_B" | "lora_magnitude": tensor}},
-    {our state_dict key: tensor} for biases and modules_to_save)."""
-    adapters, loads, base_layer_biases = {}, {}, set()
-    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
-    for key, t in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"tensor {key!r} does not start with {PEFT_PREFIX!r}, as PEFT's names do")
-        k = key[len(PEFT_PREFIX):]
-        suffix = next((s for s in parts if k.endswith(s)), None)
-        owner = next((m for m in to_save if k.startswith(m + ".")), None)
-        if suffix is not None:
-            adapters.setdefault(k[:-len(suffix)], {})[parts[suffix]] = t
-        elif owner is not None and k[len(owner) + 1:].startswith(("modules_to_save.", "original_module.")):
-            continue  # PEFT's bias="all" also writes these copies of the module's biases
-        elif k.endswith(".base_layer.bias"):
-            base_layer_biases.add(k.removesuffix(".base_layer.bias"))
-            loads[k.removesuffix(".base_layer.bias") + ".bias"] = t
-        elif owner is not None or k.endswith(".bias"):
-            loads[k] = t
-        else:
-            raise ValueError(f"tensor {key!r} is neither lora_A, lora_B, lora_magnitude_vector, a bias, nor part "
-                             f"of a module in modules_to_save {config.get('modules_to_save')}")
-    if not adapters:
-        raise ValueError("the adapter holds no lora_A or lora_B tensors")
-    if odd := base_layer_biases ^ {k[:-5] for k in loads if k.endswith(".bias") and k[:-5] in adapters}:
-        raise ValueError(f"biases of {sorted(odd)}: PEFT names the bias of a LoRA layer <path>.base_layer.bias and "
-                         "any other <path>.bias")
-    return adapters, loads
-
-
-def _check_peft_layer(modules: dict, name: str, got: dict, config: dict) -> tuple[int, float]:
-    """(r, alpha) for LoRA module `name` of the adapter, after checking that the model can take it."""
-    use_dora, targets = bool(config.get("use_dora")), config.get("target_modules")
-    if name not in modules:
-        raise ValueError(f"the adapter has tensors for module {name!r}, which the model lacks")
-    _check_base(modules[name], name=f"module {name!r}", use_dora=use_dora)
-    if isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention):
-        raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which ignores adapters")
-    need = ("lora_A", "lora_B", "lora_magnitude") if use_dora else ("lora_A", "lora_B")
-    if missing := [p for p in need if p not in got]:
-        raise ValueError(f"module {name!r}: the adapter lacks its {missing} (use_dora={use_dora})")
-    if extra := [p for p in got if p not in need]:
-        raise ValueError(f"module {name!r}: the adapter has {extra}, which use_dora={use_dora} does not use")
-    r = _peft_pattern(config.get("rank_pattern") or {}, name, config.get("r", 8))
-    alpha = _peft_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-    out_features, in_features = modules[name].weight.shape
-    shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "lora_magnitude": (out_features,)}
-    for p, t in got.items():
-        if tuple(t.shape) != shapes[p]:
-            raise ValueError(f"module {name!r}: {p} has shape {tuple(t.shape)}, but r={r} and the layer's "
-                             f"{in_features} -> {out_features} need {shapes[p]}")
-    try:
-        _check_hparams(r, alpha, config.get("lora_dropout", 0.0), "kaiming", bool(config.get("use_rslora")),
-                       use_dora)
-    except ValueError as e:
-        raise ValueError(f"module {name!r}: {e}") from None
-    if targets not in (None, "all-linear") and not _peft_selects(targets, name):
-        raise ValueError(f"the adapter has tensors for {name!r}, which its target_modules {targets!r} do not select")
-    if config.get("exclude_modules") and _peft_selects(config["exclude_modules"], name):
-        raise ValueError(f"the adapter has tensors for {name!r}, which its exclude_modules select")
-    return r, alpha
-
-
-def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save: list[str], config: dict) -> None:
-    """Every module the adapter selects has its tensors, and every other tensor has a place of its shape."""
-    modules, state, targets = dict(model.named_modules()), model.state_dict(), config.get("target_modules")
-    if targets not in (None, "all-linear"):
-        if missing := [n for n, m in modules.items() if n and n not in adapters and n not in to_save
-                       and isinstance(m, nn.Linear) and _peft_selects(targets, n)]:
-            raise ValueError(f"target_modules {targets!r} select {missing}, but the adapter has no tensors for them")
-    for m in to_save:
-        if missing := [f"{m}.{k}" for k in modules[m].state_dict() if f"{m}.{k}" not in loads]:
-            raise ValueError(f"modules_to_save module {m!r}: the adapter lacks {missing}")
-    for k, t in loads.items():
-        if k not in state:
-            raise ValueError(f"the adapter has tensor {k!r}, which the model lacks")
-        if t.shape != state[k].shape:
-            raise ValueError(f"tensor {k!r} has shape {tuple(t.shape)}; the model's has {tuple(state[k].shape)}")
-
-
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Load a PEFT LoRA/DoRA adapter folder into a model without LoRA; returns the wrapped names in module order.
-
-    Wraps the layers the adapter has tensors for and loads A, B, DoRA's magnitudes, biases and modules_to_save;
-    then leaves trainable what PEFT's get_peft_model would (adapters, the biases of `bias`, modules_to_save).
-    Every setting, key and shape is checked before the model changes; on any error it is left as it was.
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(directory)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(folder / "adapter_model.safetensors")
-    _check_peft_config(config, folder)
-    if existing := [n for n, _ in lora_layers(model)]:
-        raise ValueError(f"model already carries LoRA layers {existing}; load_peft_adapter adds one adapter to a "
-                         "model without LoRA")
-    modules = dict(model.named_modules())
-    to_save = [n for n in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
-    adapters, loads = _sort_peft_tensors(tensors, to_save, config)
-    hparams = {name: _check_peft_layer(modules, name, got, config) for name, got in adapters.items()}
-    _check_peft_coverage(model, adapters, loads, to_save, config)
-
-    names = [n for n in modules if n in adapters]  # all checks passed: now change the model
-    state = model.state_dict()
-    with torch.no_grad():
-        for n in names:
-            layer = LoRALinear(modules[n], *hparams[n], dropout=config.get("lora_dropout", 0.0),
-                               use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
-            for p, t in adapters[n].items():
-                getattr(layer, p).copy_(t)
-            _set_submodule(model, n, layer)
-        for k, t in loads.items():
-            state[k].copy_(t)
-    mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))
-    for m in to_save:
-        modules[m].requires_grad_(True)
-    return names

@@ -1,4 +1,4 @@
-"""lora.py and Hugging Face PEFT (issue 10): the same layer numbers, and adapters that move both ways.
+"""lora.py, lora_peft.py and Hugging Face PEFT: the same layer numbers, and adapters that move both ways.
 
 PEFT is a test-only dependency: tests that run it skip where it is absent. The checks of our own reader and
 writer need only safetensors. Every model here has random weights; nothing is downloaded. CPU, seconds.
@@ -19,6 +19,8 @@ from lora import LoRALinear
 
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
+
+import lora_peft  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +140,7 @@ def test_peft_loads_our_adapter_and_gives_our_outputs(tmp_path, variant):
     model, base = trained_ours(variant)
     x = torch.randn(5, 12)
     base_out = base(x)
-    lora.save_peft_adapter(model, tmp_path)
+    lora_peft.save_peft_adapter(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     assert not torch.allclose(model(x), base_out, atol=1e-3)  # the adapter changes the model
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
@@ -147,7 +149,7 @@ def test_peft_loads_our_adapter_and_gives_our_outputs(tmp_path, variant):
 def test_our_adapter_config_says_what_peft_needs(tmp_path):
     model, _ = trained_ours("patterns")
     model.head.requires_grad_(True)
-    lora.save_peft_adapter(model, tmp_path)
+    lora_peft.save_peft_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora",
                                    "bias", "modules_to_save", "rank_pattern", "alpha_pattern")} == {
@@ -166,7 +168,7 @@ def test_targets_that_are_the_dotted_end_of_other_names_are_written_as_an_exact_
     base = nn.ModuleDict({"a": linear(), "x": nn.ModuleDict({"a": linear()})})  # "a.0" and "x.a.0"
     model = copy.deepcopy(base)
     assert lora.add_lora(model, r=2, targets="a.0") == ["a.0"]
-    lora.save_peft_adapter(model, tmp_path)
+    lora_peft.save_peft_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == r"(a\.0)"
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
     assert [n for n, m in loaded.named_modules() if n.endswith("lora_A")] == ["base_model.model.a.0.lora_A"]
@@ -206,7 +208,7 @@ def test_we_load_peft_adapters_with_peft_outputs_and_what_peft_trains(tmp_path, 
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **PEFT_CONFIGS[variant]))
     perturb(theirs)
     theirs.save_pretrained(tmp_path)
-    names = lora.load_peft_adapter(ours, tmp_path)
+    names = lora_peft.load_peft_adapter(ours, tmp_path)
     assert names == sorted({n.split(".lora_A")[0].removeprefix("base_model.model.")
                             for n, _ in theirs.named_parameters() if ".lora_A." in n})
     x = torch.randn(5, 12)
@@ -217,8 +219,8 @@ def test_we_load_peft_adapters_with_peft_outputs_and_what_peft_trains(tmp_path, 
 def test_an_adapter_round_trips_through_our_writer_and_reader_exactly(tmp_path):
     for variant in OURS:
         model, base = trained_ours(variant)
-        lora.save_peft_adapter(model, tmp_path / variant)
-        lora.load_peft_adapter(base, tmp_path / variant)
+        lora_peft.save_peft_adapter(model, tmp_path / variant)
+        lora_peft.load_peft_adapter(base, tmp_path / variant)
         x = torch.randn(5, 12)
         assert torch.equal(base(x), model(x)), variant
         assert trainable(base) == trainable(model), variant
@@ -246,7 +248,7 @@ def test_a_bert_adapter_with_a_trained_classifier_moves_both_ways_with_the_same_
     lora.mark_only_lora_as_trainable(ours)
     ours.classifier.requires_grad_(True)
     perturb(ours)
-    lora.save_peft_adapter(ours, tmp_path / "ours")
+    lora_peft.save_peft_adapter(ours, tmp_path / "ours")
     in_peft = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     torch.testing.assert_close(in_peft(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
@@ -256,7 +258,7 @@ def test_a_bert_adapter_with_a_trained_classifier_moves_both_ways_with_the_same_
     perturb(theirs, seed=2)
     theirs.save_pretrained(tmp_path / "theirs")
     in_ours = tiny_bert()
-    assert len(lora.load_peft_adapter(in_ours, tmp_path / "theirs")) == 4
+    assert len(lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs")) == 4
     torch.testing.assert_close(in_ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits,
                                rtol=1e-5, atol=1e-6)
 
@@ -326,17 +328,17 @@ def unchanged(model, call, exc, match):
 def test_load_peft_adapter_refuses_what_it_cannot_honour_and_changes_nothing(tmp_path, name):
     edit, exc, match = REFUSALS[name]
     model, base = trained_ours("lora")
-    lora.save_peft_adapter(model, tmp_path)
+    lora_peft.save_peft_adapter(model, tmp_path)
     edit_adapter(tmp_path, **edit)
-    unchanged(base, lambda m: lora.load_peft_adapter(m, tmp_path), exc, match)
+    unchanged(base, lambda m: lora_peft.load_peft_adapter(m, tmp_path), exc, match)
 
 
 def test_load_peft_adapter_refuses_a_folder_of_several_adapters_and_a_model_that_has_lora(tmp_path):
     model, base = trained_ours("lora")
-    lora.save_peft_adapter(model, tmp_path)
-    unchanged(model, lambda m: lora.load_peft_adapter(m, tmp_path), ValueError, "already carries LoRA layers")
-    lora.save_peft_adapter(model, tmp_path / "second")  # PEFT's save_pretrained puts a second adapter here
-    unchanged(base, lambda m: lora.load_peft_adapter(m, tmp_path), ValueError,
+    lora_peft.save_peft_adapter(model, tmp_path)
+    unchanged(model, lambda m: lora_peft.load_peft_adapter(m, tmp_path), ValueError, "already carries LoRA layers")
+    lora_peft.save_peft_adapter(model, tmp_path / "second")  # PEFT's save_pretrained puts a second adapter here
+    unchanged(base, lambda m: lora_peft.load_peft_adapter(m, tmp_path), ValueError,
               r"holds several adapters \(also \['second'\]\)")
 
 
@@ -377,13 +379,14 @@ def test_save_peft_adapter_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_
     model, _ = trained_ours("lora")
     change(model)
     with pytest.raises(ValueError, match=match):
-        lora.save_peft_adapter(model, tmp_path / "adapter")
+        lora_peft.save_peft_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
     with pytest.raises(ValueError, match="no LoRA layers"):
-        lora.save_peft_adapter(Net(), tmp_path / "adapter")
+        lora_peft.save_peft_adapter(Net(), tmp_path / "adapter")
 
 
-def test_lora_py_imports_safetensors_only_inside_the_peft_functions():
-    code = "import sys, lora; assert not {'safetensors', 'peft', 'transformers'} & set(sys.modules), sys.modules"
+def test_lora_py_imports_neither_safetensors_nor_peft_and_lora_peft_imports_no_peft():
+    code = ("import sys, lora; assert not {'safetensors', 'peft', 'transformers'} & set(sys.modules), sys.modules; "
+            "import lora_peft; assert not {'peft', 'transformers'} & set(sys.modules), sys.modules")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
