@@ -60,9 +60,13 @@ def test_wraps_the_base_tensors_without_copying_and_freezes_them():
     assert (layer.in_features, layer.out_features) == (10, 6)
 
 
-def test_adapter_takes_the_base_dtype():
-    layer = LoRALinear(nn.Linear(10, 6, dtype=torch.bfloat16), r=2)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+@pytest.mark.parametrize("base, adapter", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_adapters_are_float32_on_a_half_precision_base_and_the_base_dtype_otherwise(base, adapter):
+    layer = LoRALinear(nn.Linear(10, 6, dtype=base), r=2, use_dora=True)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.lora_magnitude.dtype == adapter
+    assert layer(torch.randn(3, 10, dtype=base)).dtype == base
+    assert LoRALinear(nn.Linear(10, 6, dtype=base), r=2, adapter_dtype=torch.bfloat16).lora_B.dtype == torch.bfloat16
 
 
 def test_identity_at_init_is_exact():
@@ -567,7 +571,7 @@ def test_adapter_round_trip_into_a_freshly_wrapped_model_reproduces_outputs(tmp_
         with torch.no_grad():
             layer.lora_B.normal_()
     sd = lora.lora_state_dict(model)
-    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
+    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B", *lora.SETTINGS)}
     torch.save(sd, tmp_path / "adapter.pt")
     fresh = mlp()  # same base weights (same seed), new random adapter
     lora.add_lora(fresh, r=4)
@@ -584,12 +588,14 @@ def test_load_lora_state_dict_refuses_bad_input_and_changes_nothing():
 
     missing = dict(good)
     del missing["2.lora_B"]
-    with pytest.raises(KeyError, match="2.lora_B"):
+    with pytest.raises(KeyError, match=r"'2' lacks \['lora_B'\]"):
         lora.load_lora_state_dict(model, missing)
-    with pytest.raises(KeyError, match="9.lora_A"):
-        lora.load_lora_state_dict(model, {**good, "9.lora_A": torch.zeros(4, 4)})
+    with pytest.raises(KeyError, match=r"the model lacks \['9'\]"):
+        lora.load_lora_state_dict(model, {**good, "9.lora_A": torch.zeros(4, 4), "9.lora_B": torch.zeros(4, 4),
+                                          "9.lora_alpha": torch.tensor(4.0), "9.lora_use_rslora": torch.tensor(False)})
     wrong = {**good, "0.lora_A": torch.zeros(8, 784)}
-    with pytest.raises(ValueError, match=r"0\.lora_A.*\(8, 784\).*\(4, 784\)"):
+    with pytest.raises(ValueError, match=r"'0': the adapter's lora_A has shape \(8, 784\), but .* needs \(4, 784\) "
+                                         r"\(the adapter has r=8: add_lora with that r"):
         lora.load_lora_state_dict(model, wrong)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     model[0].merge()
@@ -609,18 +615,20 @@ def test_lora_state_dict_keeps_the_biases_mark_only_lora_as_trainable_trains(bia
     lora.add_lora(model, r=2, targets="query", alpha=4)
     lora.mark_only_lora_as_trainable(model, bias=bias)
     sd = lora.lora_state_dict(model)
-    adapter = {f"layers.{i}.query.{n}" for i in (0, 1) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
+    adapter = {f"layers.{i}.query.{n}" for i in (0, 1) for n in ("lora_A", "lora_B", *lora.SETTINGS)}
     assert set(sd) == adapter | biases
     assert sd["layers.1.query.lora_alpha"].item() == 4.0 and not sd["layers.1.query.lora_use_rslora"]
 
 
-def test_lora_state_dict_leaves_out_a_module_trained_in_full():
+def test_lora_state_dict_keeps_a_module_trained_in_full_with_its_buffers():
     model = Tiny()
+    model.layers[0].bn = nn.BatchNorm1d(8)
     lora.add_lora(model, r=2, targets="query")
-    lora.mark_only_lora_as_trainable(model, bias="all")
-    model.head.requires_grad_(True)  # a classifier head trained in full: save_peft_adapter's modules_to_save
+    lora.mark_only_lora_as_trainable(model, bias="all", modules_to_save=["head", "layers.0.bn"])
+    assert model.head.weight.requires_grad and model.layers[0].bn.weight.requires_grad
     sd = lora.lora_state_dict(model)
-    assert "head.weight" not in sd and "head.bias" not in sd and "layers.0.norm.bias" in sd
+    assert {"head.weight", "head.bias", "layers.0.norm.bias", "layers.0.bn.running_mean"} <= set(sd)
+    assert "layers.0.norm.weight" not in sd and "layers.0.query.weight" not in sd
 
 
 def test_an_adapter_with_trained_biases_round_trips_into_a_fresh_model():
@@ -642,8 +650,10 @@ def test_an_adapter_with_trained_biases_round_trips_into_a_fresh_model():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=16), r"'0': the adapter was trained with alpha=8, use_rslora=False; this layer has alpha=16"),
-    (dict(alpha=8, use_rslora=True), r"use_rslora=False; this layer has alpha=8, use_rslora=True"),
+    (dict(alpha=16), r"'0': the adapter was saved with \{'alpha': 8.0\}, this layer has \{'alpha': 16.0\}"),
+    (dict(alpha=8, use_rslora=True), r"saved with \{'use_rslora': False\}, this layer has \{'use_rslora': True\}"),
+    (dict(alpha=8, dropout=0.1), r"saved with \{'dropout': 0.0\}"),
+    (dict(alpha=8, adapter_dtype=torch.float64), r"saved with \{'adapter_dtype': torch.float32\}"),
 ])
 def test_load_lora_state_dict_refuses_another_alpha_or_rslora_and_changes_nothing(kwargs, match):
     trained = mlp()
@@ -662,7 +672,7 @@ def test_load_lora_state_dict_names_the_magnitudes_of_a_dora_adapter_in_a_lora_m
     lora.add_lora(dora, r=2, use_dora=True)
     model = mlp()
     lora.add_lora(model, r=2)
-    with pytest.raises(KeyError, match=r"unexpected keys \['0.lora_magnitude'.*use_dora"):
+    with pytest.raises(ValueError, match=r"'0': the adapter was saved with \{'use_dora': True\}"):
         lora.load_lora_state_dict(model, lora.lora_state_dict(dora))
 
 
@@ -728,7 +738,7 @@ def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, 
 
 
 def test_base_that_is_not_linear_raises_type_error():
-    with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="base is a Conv1d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
 
 
@@ -739,7 +749,7 @@ def test_a_target_that_matches_nothing_lists_the_linear_layers():
 
 def test_a_target_that_is_not_linear_raises_type_error():
     unchanged(Tiny, lambda m: lora.add_lora(m, r=2, targets=["query", "norm"]), TypeError,
-              r"'layers.0.norm'.*must be an nn.Linear, got LayerNorm")
+              r"'layers.0.norm' \(matched by targets\) is a LayerNorm; lora.py wraps nn.Linear, transformers' Conv1D")
 
 
 def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
@@ -753,9 +763,12 @@ def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
         LoRALinear(wrapped().layers[0].query, r=2)
 
 
-def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored():
-    unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2), TypeError,
-              "MultiheadAttention")
+def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored_and_targets_none_skips_it_warning():
+    unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2, targets="out_proj"),
+              TypeError, "'self_attn.out_proj' .* is the out_proj of an nn.MultiheadAttention")
+    with pytest.warns(UserWarning, match=r"leaves \['self_attn.out_proj'\] alone") as record:
+        assert lora.add_lora(nn.TransformerEncoderLayer(8, 2, 16), r=2) == ["linear1", "linear2"]
+    assert len(record) == 1
 
 
 def test_r_above_min_dimension_is_allowed_with_one_warning():
