@@ -148,8 +148,6 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
 class LoRALayer(nn.Module):
     """What every LoRA layer shares: settings, A and B, merging, and the state dict. See LoRALinear."""
 
-    transposed = False  # True where W is stored (in, out) (Conv1D, Embedding): ΔW is then (s · B A)ᵀ
-
     def __init__(self, base: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
                  adapter_dtype: torch.dtype | None = None):
@@ -161,6 +159,8 @@ class LoRALayer(nn.Module):
             warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
                           f"the update B A has rank at most {min(in_features, out_features)}, so the extra "
                           "parameters add no expressiveness", stacklevel=3)
+        self.kind = _kind(base)  # "linear", "conv1d" or "embedding"
+        self.transposed = self.kind != "linear"  # W stored (in, out) (Conv1D, Embedding): ΔW is (s · B A)ᵀ
         self.r = int(r)
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
@@ -347,7 +347,6 @@ class LoRALinear(LoRALayer):
         if _kind(base) == "embedding":
             raise TypeError("base is an nn.Embedding: wrap it with LoRAEmbedding (add_lora picks the class)")
         super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
-        self.transposed = _kind(base) == "conv1d"
         if use_dora:
             norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)
             self.lora_magnitude = nn.Parameter(norms.to(self.lora_A.dtype))  # m = ‖W‖: starts at the base model
@@ -416,8 +415,6 @@ class LoRAEmbedding(LoRALayer):
     Args: as LoRALinear (base an nn.Embedding); `dropout` is kept for saving but not applied (indices cannot be
     dropped out, as in PEFT), `init` has no effect, and use_dora is refused.
     """
-
-    transposed = True
 
     def _init_adapter(self, init: str) -> None:
         nn.init.zeros_(self.lora_A)

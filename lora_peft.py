@@ -108,7 +108,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
               "r": r, "lora_alpha": number(alpha), "target_modules": targets, "lora_dropout": first.dropout,
               "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": bias,
               "modules_to_save": modules_to_save or None, "init_lora_weights": True,
-              "fan_in_fan_out": any(lora._kind(layer.base_skeleton) == "conv1d" for layer in layers.values()),
+              "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
               "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
               "alpha_pattern": {"^" + re.escape(n): number(layer.alpha) for n, layer in layers.items()
                                 if layer.alpha != alpha}}
@@ -164,6 +164,8 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
             adapters.setdefault(k[:-len(suffix)], {})[parts[suffix]] = t
         elif owner is not None and k[len(owner) + 1:].startswith(("modules_to_save.", "original_module.")):
             continue  # PEFT's bias="all" also writes these copies of the module's biases
+        elif k.endswith(".base_layer.weight"):  # PEFT saves an adapted embedding's table (new tokens): load it
+            loads[k.removesuffix(".base_layer.weight") + ".weight"] = t
         elif k.endswith(".base_layer.bias"):
             base_layer_biases.add(k.removesuffix(".base_layer.bias"))
             loads[k.removesuffix(".base_layer.bias") + ".bias"] = t
