@@ -558,3 +558,25 @@ def test_train_with_the_head_save_and_load_into_a_fresh_model_ours_and_peft_file
     in_ours = fresh()
     lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs")
     torch.testing.assert_close(logits(in_ours), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+# --- the README's loop, as written ------------------------------------------------------------------------------
+
+def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_the_adapted_logits(tmp_path,
+                                                                                                 monkeypatch):
+    pytest.importorskip("transformers")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use `lora.py`")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    model, ids = scope["model"].eval(), scope["ids"]
+    from transformers import BertForSequenceClassification
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "finetuned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert "transformer.h.0.attn.c_attn" in [n for n, _ in lora.lora_layers(scope["gpt2"])]
+    assert not isinstance(scope["gpt2"].lm_head, lora.LoRALayer)
