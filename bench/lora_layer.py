@@ -93,7 +93,7 @@ class PlainFormula(lora.LoRALinear):
     """LoRALinear without the fused addmm: the formula as written, for the before/after of keeping it."""
 
     def forward(self, x):
-        x_drop = F.dropout(x, self.dropout, self.training)
+        x_drop = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x_drop, self.lora_A), self.lora_B) * self.scaling
 
 
