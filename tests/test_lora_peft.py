@@ -527,7 +527,7 @@ def train_a_few_steps(model, seed=0):
 
 
 @pytest.mark.parametrize("name, targets, head", [("bert", ["query", "value"], "classifier"),
-                                                 ("llama", ["q_proj", "v_proj"], "lm_head")])
+                                                 ("llama", ["embed_tokens", "q_proj", "v_proj"], "lm_head")])
 def test_train_with_the_head_save_and_load_into_a_fresh_model_ours_and_peft_files_both_ways(tmp_path, name, targets,
                                                                                           head):
     peft = pytest.importorskip("peft")
