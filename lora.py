@@ -154,6 +154,8 @@ class LoRALayer(nn.Module):
         super().__init__()
         _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         _check_base(base, use_dora=use_dora)
+        if not isinstance(self, want := LoRAEmbedding if _kind(base) == "embedding" else LoRALinear):
+            raise TypeError(f"base is a {type(base).__name__}: wrap it with {want.__name__} (add_lora picks it)")
         in_features, out_features = _dims(base)
         if r > min(in_features, out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
@@ -344,8 +346,6 @@ class LoRALinear(LoRALayer):
     def __init__(self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
                  adapter_dtype: torch.dtype | None = None):
-        if _kind(base) == "embedding":
-            raise TypeError("base is an nn.Embedding: wrap it with LoRAEmbedding (add_lora picks the class)")
         super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         if use_dora:
             norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)

@@ -1021,6 +1021,30 @@ def test_a_linear_subclass_with_its_own_forward_is_refused_and_one_without_is_wr
     assert type(model[0]) is PlainSubclass
 
 
+def test_each_layer_class_refuses_the_other_kind_of_base_before_freezing_it():
+    base = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="base is a Linear: wrap it with LoRALinear"):
+        lora.LoRAEmbedding(base, r=2)
+    with pytest.raises(TypeError, match="base is a Embedding: wrap it with LoRAEmbedding"):
+        LoRALinear(nn.Embedding(4, 4), r=2)
+    assert base.weight.requires_grad
+
+
+def test_transformer_decoder_layer_adapters_count_in_eval_mode_too():
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"\['self_attn.out_proj', 'multihead_attn.out_proj'\]"):
+        assert lora.add_lora(model, r=2) == ["linear1", "linear2"]
+    with torch.no_grad():
+        model.linear2.lora_B.normal_()
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    train_out = model.train()(x, memory)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, memory), train_out)
+        with lora.disable_lora(model):
+            assert (model(x, memory) - train_out).abs().max() > 1e-2
+
+
 def test_transformer_encoder_adapter_counts_in_eval_mode_and_no_grad_after_training():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
