@@ -334,9 +334,9 @@ class LoRALinear(LoRALayer):
 
     Args:
         base: the nn.Linear or Conv1D to adapt; its weight and bias are kept (same tensors) and frozen.
-        r: the rank of the update B A (paper, section 4.1; section 7.2 finds small r enough for attention).
+        r: the rank of the update B A (paper, section 4.1; section 7.2: a small r suffices on attention).
         alpha: scaling = alpha / r; None means alpha = r, scaling 1 (PEFT's default is alpha = 8).
-        dropout: dropout on the adapter's input only, as in the paper's code (its appendix uses 0.05 - 0.1).
+        dropout: dropout on the adapter's input only, as in the paper's code (its GPT-2 runs use 0.1, appendix D).
         init: "kaiming" (A uniform, as nn.Linear) or "gaussian" (A ~ N(0, 1/r)); B = 0 either way (section 4.1).
         use_rslora: scale by alpha / sqrt(r) (rsLoRA, arXiv:2312.03732) instead of alpha / r.
         use_dora: DoRA's magnitude and direction (arXiv:2402.09353); nn.Linear only.
@@ -497,7 +497,7 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
     """Wrap the target layers in place (freezing their weights); return the wrapped names in module order.
 
     Args:
-        r: the rank of each update B A (paper, section 4.1; its Table 6 finds r = 1 - 8 enough on attention).
+        r: the rank of each update B A (paper, section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv).
         alpha: scaling = alpha / r (section 4.1); None means alpha = r, scaling 1. PEFT's default is alpha = 8:
             pass alpha=8 to match a LoraConfig that does not set lora_alpha.
         targets: None takes what PEFT's target_modules="all-linear" takes: every nn.Linear and transformers'

@@ -29,7 +29,8 @@ import lora
 # dotted end), modules_to_save by name suffix, and rank_pattern/alpha_pattern keys by regex on the name's end.
 
 PEFT_PREFIX = "base_model.model."
-_PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias", "fan_in_fan_out",
+_PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
+              "fan_in_fan_out",
               "use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 _PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
                      "inference_mode", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",

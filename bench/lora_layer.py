@@ -157,7 +157,8 @@ def train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft_version, dev)
         for dropout in (0.0, 0.1):
             bf16 = base.weight.dtype
             layers = {"ours": ours(base, r, 2 * r, dropout), "peft": peft_layer(base, r, 2 * r, dropout),
-                      "ours16": ours(base, r, 2 * r, dropout, adapter_dtype=bf16), "plain16": plain(base, r, 2 * r, dropout),
+                      "ours16": ours(base, r, 2 * r, dropout, adapter_dtype=bf16),
+                      "plain16": plain(base, r, 2 * r, dropout),
                       "peft16": peft_layer(base, r, 2 * r, dropout, fp32=False)}
             ms = {k: cuda_ms(train_step(m, x, gy), args.repeats) for k, m in layers.items()}
             mem = {k: peak_mib(train_step(m, x, gy)) for k, m in layers.items()}

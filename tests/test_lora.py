@@ -738,7 +738,7 @@ def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, 
 
 
 def test_base_that_is_not_linear_raises_type_error():
-    with pytest.raises(TypeError, match="base is a Conv1d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding"):
+    with pytest.raises(TypeError, match="base is a Conv1d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embed"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
 
 

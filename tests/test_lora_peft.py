@@ -463,7 +463,8 @@ def test_gpt2_conv1d_and_llama_embedding_match_peft_in_logits_gradients_and_merg
     logits(theirs).pow(2).mean().backward()
     for n in wrapped:
         layer, peft_layer = ours.get_submodule(n), theirs.base_model.model.get_submodule(n)
-        a = peft_layer.lora_embedding_A["default"] if n.endswith("embed_tokens") else peft_layer.lora_A["default"].weight
+        embedding = n.endswith("embed_tokens")
+        a = peft_layer.lora_embedding_A["default"] if embedding else peft_layer.lora_A["default"].weight
         torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-6)
     merged, peft_merged = lora.merge_lora(ours), theirs.merge_and_unload()
     assert [type(m) for m in merged.modules()] == [type(m) for m in peft_merged.modules()]
