@@ -1,48 +1,72 @@
 """
-LoRA for nn.Linear, in one file that imports only torch: copy it into your project and use it.
+LoRA in one file that imports only torch: copy it into your project and use it.
 
 LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
 freezes a pretrained weight W and learns a low-rank update beside it:
 
-    h = W x + (alpha / r) · B A x           W: (out, in) frozen,  A: (r, in),  B: (out, r)
+    h = W x + b + (alpha / r) · B A x           W: (out, in) frozen,  A: (r, in),  B: (out, r)
 
         x ──► W ─────────────────────────────┐
         │                                    + ──► h
         └──► dropout ──► A ──► B ──► · alpha/r
 
+What it wraps (add_lora's `targets`; targets=None takes what PEFT's target_modules="all-linear" takes):
+- nn.Linear, and subclasses that keep nn.Linear's forward. A subclass with its own forward (a quantized
+  layer, say) is refused: its output is not F.linear of its .weight, so neither the base term nor a merge
+  would be what it computes.
+- transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
+- nn.Embedding, as PEFT does: A (r, num_embeddings), B (embedding_dim, r), and the looked-up row of
+  (alpha / r) · (B A)ᵀ is added to W's row. padding_idx: that row's A column starts at zero and gets no
+  gradient, so the pad row stays W's. max_norm (which renormalises W's rows in place) and sparse are refused.
+  Dropout does not apply to embeddings, whose input is indices (as in PEFT).
+- The linears of nn.TransformerEncoderLayer: its eval-mode fast path reads linear1/linear2's weights directly
+  and would skip the adapter, so wrapping one switches that layer's fast path off (activation_relu_or_gelu = 0):
+  the adapter counts in train, eval and no_grad alike. nn.MultiheadAttention's out_proj is refused (its parent
+  reads out_proj.weight directly); targets=None leaves it alone with one warning.
+- A weight shared by several modules (a tied output layer and input embedding) is refused, naming both
+  modules: merging would change both. Untie it first, or leave it out (targets=None leaves the output
+  embedding out, as PEFT does).
+- Every check runs before anything changes: a refused call leaves the model as it was.
+
+Guarantees:
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises
-  its own weight and as PEFT and loralib do; B = 0. So B A = 0 and training starts at the base model: bit for
-  bit on a CPU; on a GPU the fused addmm of forward may pick another GEMM kernel than nn.Linear does, which
-  moves the output by float32 rounding (7e-7 at most for a 384 -> 384 layer on an H100).
+  its own weight and as PEFT and loralib do; B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So B A = 0 and
+  training starts at the base model: bit for bit on a CPU in float32; on a GPU the fused addmm of forward may
+  pick another GEMM kernel than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
   ("gaussian": A ~ N(0, std=1/r), as PEFT's "gaussian".)
 - Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the size of the update roughly
   independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to
-  r (scaling 1): then each rank wants its own learning rate, as in this repo's experiments, which tune it.
-  use_rslora=True scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
-- DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353), use_dora=True:
-  a trainable magnitude m of shape (out,), initialised to the row norms of W, sets the length of each output
-  row of the adapted weight, and LoRA only turns its direction:
+  r (scaling 1; PEFT's default is alpha = 8): then each rank wants its own learning rate. use_rslora=True
+  scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
+- Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
+  Adam updates are not rounded away; forward returns the base's dtype, and merging forms W + ΔW in float32 and
+  rounds once into W's dtype.
+- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m of shape
+  (out,), initialised to the row norms of W, sets the length of each output row of the adapted weight:
 
     h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b      (norm over `in`, one per output feature)
 
-  The norm is a constant in backward (paper, section 4.3), as in PEFT. At initialisation m = ‖W‖ and B = 0,
-  so DoRA too starts at the base model (in half precision, up to one rounding of the output).
+  The norm is a constant in backward (paper, section 4.3), as in PEFT.
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
   `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
-- merge() folds the update into W in place, keeping no copy of W; unmerge() takes it out again, up to
-  rounding (see merge). A merged layer refuses to train rather than silently train nothing.
+- merge() folds the update into W in place; unmerge() takes it out again, up to rounding (see merge). A merged
+  layer refuses to train rather than silently train nothing. merge_lora gives back the original module types.
+- lora_state_dict holds every tensor that trained plus the settings to rebuild the wrapping, tensors only
+  (torch.load(weights_only=True) and safetensors both carry it); load_lora_state_dict wraps a fresh model itself.
 - Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
 
     import lora
-    names = lora.add_lora(model, r=8, targets=["query", "value"])   # use_dora=True for DoRA
-    lora.mark_only_lora_as_trainable(model)
+    lora.add_lora(model, r=8, targets=["query", "value"])       # use_dora=True for DoRA
+    lora.mark_only_lora_as_trainable(model, modules_to_save=["classifier"])
     ...train...
-    torch.save(lora.lora_state_dict(model), "adapter.pt")   # or lora_peft.save_peft_adapter(model, "adapter/")
-    model = lora.merge_lora(model)          # plain nn.Linear layers again, for deployment
+    torch.save(lora.lora_state_dict(model), "adapter.pt")
+    lora.load_lora_state_dict(fresh_model, torch.load("adapter.pt", weights_only=True))
+    model = lora.merge_lora(model)          # the original layers again, for deployment
 """
 
 import contextlib
+import copy
 import fnmatch
 import math
 import numbers
@@ -56,10 +80,14 @@ import torch.nn.functional as F
 
 INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
-ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRALinear
+ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRA layer
+SETTINGS = ("lora_alpha", "lora_use_rslora", "lora_dropout")  # per-layer settings saved beside them
+SUPPORTED = "lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding"
 
 
-def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora) -> None:
+# ─── the layer ────────────────────────────────────────────────────────────────────────────────────────────────
+
+def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype=None) -> None:
     """Raise before anything is built, naming the value given and what is accepted."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
@@ -73,32 +101,68 @@ def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora) -> None:
     for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
+
+
+def _kind(module: nn.Module) -> str | None:
+    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", or None if not wrappable."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
+            module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None)):
+        return "conv1d"
+    return "embedding" if isinstance(module, nn.Embedding) else None
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a wrappable module: A is (r, in), B is (out, r)."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if _kind(module) == "linear" else (w.shape[0], w.shape[1])
 
 
 def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
-    if isinstance(base, LoRALinear):
+    """Raise unless lora.py can wrap `base` exactly: the module, its class and what is supported."""
+    if isinstance(base, LoRALayer):
         raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter "
                          "(was add_lora run twice, e.g. by re-running a notebook cell?)")
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{name} must be an nn.Linear, got {type(base).__name__}")
+    kind, cls = _kind(base), type(base).__name__
+    if kind is None:
+        raise TypeError(f"{name} is a {cls}; {SUPPORTED}")
+    own = {"linear": nn.Linear, "embedding": nn.Embedding}.get(kind)
+    if own is not None and type(base).forward is not own.forward:
+        raise TypeError(f"{name} is a {cls}, a subclass of nn.{own.__name__} with its own forward (a quantized "
+                        f"layer, say): its output is not what lora.py would compute from its .weight, and merging "
+                        f"into that weight would not be either; {SUPPORTED} with their own forward")
+    if kind == "embedding" and (base.max_norm is not None or base.sparse):
+        raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
+                        "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
+                        "lora.py wraps embeddings without them")
+    if use_dora and kind != "linear":
+        raise TypeError(f"{name} is a {cls}: use_dora=True wraps nn.Linear only")
     if use_dora and not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
         raise ValueError(f"{name} has all-zero rows {zero.nonzero().flatten()[:10].tolist()} in its weight; DoRA "
                          "divides each row by its norm, so use_dora=True needs every row non-zero")
 
 
-class LoRALinear(nn.Module):
-    """nn.Linear with a frozen weight plus a trainable low-rank update (alpha / r) · B A (DoRA: and a magnitude)."""
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: settings, A and B, merging, and the state dict. See LoRALinear."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
-                 init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False):
+    def __init__(self, base: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.0,
+                 init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
+                 adapter_dtype: torch.dtype | None = None):
         super().__init__()
-        _check_hparams(r, alpha, dropout, init, use_rslora, use_dora)
+        _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         _check_base(base, use_dora=use_dora)
-        out_features, in_features = base.weight.shape
+        if not isinstance(self, want := LoRAEmbedding if _kind(base) == "embedding" else LoRALinear):
+            raise TypeError(f"base is a {type(base).__name__}: wrap it with {want.__name__} (add_lora picks it)")
+        in_features, out_features = _dims(base)
         if r > min(in_features, out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
                           f"the update B A has rank at most {min(in_features, out_features)}, so the extra "
-                          "parameters add no expressiveness", stacklevel=2)
+                          "parameters add no expressiveness", stacklevel=3)
+        self.kind = _kind(base)  # "linear", "conv1d" or "embedding"
+        self.transposed = self.kind != "linear"  # W stored (in, out) (Conv1D, Embedding): ΔW is (s · B A)ᵀ
         self.r = int(r)
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
@@ -108,100 +172,64 @@ class LoRALinear(nn.Module):
         self.enabled = True  # False inside disable_lora(): the layer computes the base output only
         self.merged = False  # True after merge(): W holds the adapted weight
         self.train(base.training)  # wrapping a model in eval mode leaves it in eval mode
+        # The base module without its tensors, given back by merge_lora: its class and settings, no second copy.
+        skeleton = copy.copy(base)
+        skeleton._parameters = dict.fromkeys(base._parameters)
+        self.__dict__["base_skeleton"] = skeleton
 
         # The base's own Parameters, not copies: same names in state_dict, no extra memory.
-        self.weight = base.weight  # (out, in)
-        self.bias = base.bias      # (out,) or None
+        self.weight = base.weight  # (out, in); (in, out) if transposed
+        self.bias = getattr(base, "bias", None)  # (out,) or None
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        if adapter_dtype is None:  # float32 adapters on a half-precision base, as PEFT: see the module docstring
+            half = self.weight.dtype in (torch.float16, torch.bfloat16)
+            adapter_dtype = torch.float32 if half else self.weight.dtype
+        factory = dict(device=self.weight.device, dtype=adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, **factory))  # (out, r)
+        self._init_adapter(init)
+        # DoRA, while merged: the norm merge() divided by, so that unmerge() can undo it. Saved only when merged.
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def _init_adapter(self, init: str) -> None:
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan_in = in: U(-1/sqrt(in), 1/sqrt(in))
         else:
             nn.init.normal_(self.lora_A, std=1 / self.r)
-        if use_dora:
-            norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)
-            self.lora_magnitude = nn.Parameter(norms.to(self.weight.dtype))  # m = ‖W‖: starts at the base model
-        # DoRA, while merged: the norm merge() divided by, so that unmerge() can undo it. Saved only when merged.
-        self.register_buffer("merged_norm", None, persistent=False)
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.lora_A.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.lora_B.shape[0]
 
     @property
     def _precise(self) -> torch.dtype:
-        """float32, or float64 for a float64 layer: the dtype of merges and of DoRA's norm."""
-        return torch.promote_types(self.weight.dtype, torch.float32)
+        """float32, or wider if W or the adapter is: the dtype of merges and of DoRA's norm."""
+        return torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype), torch.float32)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """lora_A, lora_B (and DoRA's lora_magnitude): what fine-tuning trains."""
         return [self.lora_A, self.lora_B] + ([self.lora_magnitude] if self.use_dora else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
-                raise RuntimeError("this LoRALinear is merged, so its adapter would get no gradient: call unmerge() "
-                                   "before training (for inference, call eval() or use torch.no_grad())")
-            return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out), one matmul
-        if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        if self.use_dora:
-            return self._dora_forward(x)
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if self.dropout > 0:
-            x2_drop = F.dropout(x2, self.dropout, self.training)
-        else:
-            x2_drop = x2  # p = 0: no copy of x
-        # In place below is safe: linear's backward needs its inputs, never its output.
-        u = F.linear(x2_drop, self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r), scaled while small
-        v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + bias -> (N, out)
-        # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
-        # (Out of place: addmm_ would save a copy of v on the GPU, but vmap has no fast rule for it.)
-        return torch.addmm(v, x2, self.weight.t()).view(*x.shape[:-1], self.out_features)
-
-    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, through the same (x Aᵀ) Bᵀ as LoRA: no (out, in) matrix per step."""
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2
-        scale = (self.lora_magnitude.to(self._precise) / self.weight_norm()).to(x.dtype)  # (out,): m / ‖W + s B A‖
-        u = F.linear(x2_drop, self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        v = torch.addmm(F.linear(u, self.lora_B), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
-        h = v * scale if self.bias is None else torch.addcmul(self.bias, v, scale)  # (N, out) ⊙ (out,) + b
-        if x2_drop is not x2:  # dropout acts on the adapter's input only, as in the paper's code and PEFT:
-            h = h + F.linear(x2 - x2_drop, self.weight)  # the base term keeps W x whole: + W (x - dropout(x))
-        return h.view(*x.shape[:-1], self.out_features)
-
-    @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """‖W + scaling · B A‖ of each row of the unmerged layer, (out,), at least float32: DoRA divides by it.
-
-        Expanded row by row, ‖w + s (B A)‖² = ‖w‖² + 2 s B·(W Aᵀ) + s² B·(B A Aᵀ), so that no (out, in) matrix
-        is built on every step, as the direct form would (PEFT's does). W Aᵀ is rounded to W's dtype, which moves
-        the norm by less than that dtype's roundoff times ‖s B A‖ / ‖W‖.
-        """
-        A, B = self.lora_A.to(self._precise), self.lora_B.to(self._precise)  # (r, in), (out, r)
-        w_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=self._precise).square()  # (out,)
-        w_at = F.linear(self.weight, self.lora_A).to(self._precise)  # (out, in) @ (in, r) -> (out, r)
-        b_aat = B @ (A @ A.T)  # (out, r) @ (r, r) -> (out, r)
-        s = self.scaling
-        return (w_sq + 2 * s * (B * w_at).sum(1) + s * s * (B * b_aat).sum(1)).clamp_min(0).sqrt()  # (out,)
+    def _check_not_training_merged(self) -> None:
+        if self.merged and self.training and torch.is_grad_enabled() and \
+                any(p.requires_grad for p in self.adapter_parameters()):
+            raise RuntimeError(f"this {type(self).__name__} is merged, so its adapter would get no gradient: call "
+                               "unmerge() before training (for inference, call eval() or use torch.no_grad())")
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, the (out, in) update that LoRA's merge() adds to W, in W's dtype."""
+        """scaling · B A, the update that merge() adds to W, in W's layout and dtype."""
         return self._precise_delta_weight().to(self.weight.dtype)
 
     def _precise_delta_weight(self) -> torch.Tensor:
         B, A = self.lora_B.to(self._precise), self.lora_A.to(self._precise)
-        return self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in)
+        delta = self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in)
+        return delta.T if self.transposed else delta
 
     @torch.no_grad()
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -213,7 +241,7 @@ class LoRALinear(nn.Module):
                              "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
                              "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
                              "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
-        merged = self._precise_delta_weight().add_(self.weight)  # (out, in), float32 or wider: W + s B A
+        merged = self._precise_delta_weight().add_(self.weight)  # float32 or wider: W + s B A
         norm = None
         if self.use_dora:
             norm = torch.linalg.vector_norm(merged, dim=1)  # (out,): the precise W + s B A is here already
@@ -232,7 +260,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W in place, so forward is one matmul; no copy of W is kept. No-op if merged.
+        """Fold the update into W in place, so forward is the base layer's; no copy of W is kept. No-op if merged.
 
         Rounding: W + ΔW (DoRA: scaled per row) is formed in float32 and rounded once to W's dtype, and
         unmerge() rounds once more on the way back. So unmerge() returns W only to within, per element,
@@ -256,7 +284,7 @@ class LoRALinear(nn.Module):
         """Take the update out of W again, up to the rounding merge() states. A no-op if not merged."""
         if not self.merged:
             return
-        w = self.weight.to(self._precise)  # (out, in); a float32 W is W itself, updated in place
+        w = self.weight.to(self._precise)  # a float32 W is W itself, updated in place
         if self.use_dora:
             w.mul_((self.merged_norm / self.lora_magnitude.to(self._precise))[:, None])  # back to W + s B A
         self.weight.copy_(w.sub_(self._precise_delta_weight()))
@@ -294,14 +322,124 @@ class LoRALinear(nn.Module):
                                 if merged and self.use_dora else None)
 
     def extra_repr(self) -> str:
+        dtype = "" if self.lora_A.dtype == self.weight.dtype else f"adapter_dtype={self.lora_A.dtype}, "
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, {dtype}"
                 f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(qualified name, layer) for every LoRALinear in the model, in module order."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+class LoRALinear(LoRALayer):
+    """nn.Linear (or transformers' Conv1D) with a frozen weight plus a trainable low-rank update
+    (alpha / r) · B A, and for DoRA a magnitude.
+
+    Args:
+        base: the nn.Linear or Conv1D to adapt; its weight and bias are kept (same tensors) and frozen.
+        r: the rank of the update B A (paper, section 4.1; section 7.2: a small r suffices on attention).
+        alpha: scaling = alpha / r; None means alpha = r, scaling 1 (PEFT's default is alpha = 8).
+        dropout: dropout on the adapter's input only, as in the paper's code (its GPT-2 runs use 0.1, appendix D).
+        init: "kaiming" (A uniform, as nn.Linear) or "gaussian" (A ~ N(0, 1/r)); B = 0 either way (section 4.1).
+        use_rslora: scale by alpha / sqrt(r) (rsLoRA, arXiv:2312.03732) instead of alpha / r.
+        use_dora: DoRA's magnitude and direction (arXiv:2402.09353); nn.Linear only.
+        adapter_dtype: dtype of A, B and m; None: float32 on a float16/bfloat16 base, else W's dtype.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
+                 init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
+                 adapter_dtype: torch.dtype | None = None):
+        super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        if use_dora:
+            norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)
+            self.lora_magnitude = nn.Parameter(norms.to(self.lora_A.dtype))  # m = ‖W‖: starts at the base model
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b as the base layer computes it."""
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features)  # Conv1D: (N, in) @ (in, out) + b, as transformers computes it
+        h = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+        return h.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = W x + b + (alpha / r) · B A dropout(x)   (DoRA: see _dora_forward)."""
+        if self.merged or not self.enabled:
+            self._check_not_training_merged()
+            return self._base(x)  # merged: W holds W + ΔW; disabled: the base model
+        if self.use_dora:
+            return self._dora_forward(x)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2  # p = 0: no copy of x
+        # In place below is safe: linear's backward needs its inputs, never its output.
+        u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
+        if self.lora_A.dtype != x.dtype:  # float32 adapter on a half-precision base: add in the base's dtype
+            return self._base(x) + F.linear(u, self.lora_B).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
+        # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
+        w_t = self.weight if self.transposed else self.weight.t()  # (in, out)
+        return torch.addmm(v, x2, w_t).view(*x.shape[:-1], self.out_features)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, through the same (x Aᵀ) Bᵀ as LoRA: no (out, in) matrix per step."""
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2
+        scale = (self.lora_magnitude.to(self._precise) / self.weight_norm()).to(x.dtype)  # (out,): m / ‖W + s B A‖
+        u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
+        if self.lora_A.dtype == x.dtype:
+            v = torch.addmm(F.linear(u, self.lora_B), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
+        else:
+            v = F.linear(x2_drop, self.weight) + F.linear(u, self.lora_B).to(x.dtype)
+        h = v * scale if self.bias is None else torch.addcmul(self.bias, v, scale)  # (N, out) ⊙ (out,) + b
+        if x2_drop is not x2:  # dropout acts on the adapter's input only, as in the paper's code and PEFT:
+            h = h + F.linear(x2 - x2_drop, self.weight)  # the base term keeps W x whole: + W (x - dropout(x))
+        return h.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + scaling · B A‖ of each row of the unmerged layer, (out,), at least float32: DoRA divides by it.
+
+        Expanded row by row, ‖w + s (B A)‖² = ‖w‖² + 2 s B·(W Aᵀ) + s² B·(B A Aᵀ), so that no (out, in) matrix
+        is built on every step, as the direct form would (PEFT's does). W Aᵀ is rounded to W's dtype, which moves
+        the norm by less than that dtype's roundoff times ‖s B A‖ / ‖W‖.
+        """
+        A, B = self.lora_A.to(self._precise), self.lora_B.to(self._precise)  # (r, in), (out, r)
+        w_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=self._precise).square()  # (out,)
+        w_at = F.linear(self.weight, self.lora_A.to(self.weight.dtype)).to(self._precise)  # (out, in) @ (in, r)
+        b_aat = B @ (A @ A.T)  # (out, r) @ (r, r) -> (out, r)
+        s = self.scaling
+        return (w_sq + 2 * s * (B * w_at).sum(1) + s * s * (B * b_aat).sum(1)).clamp_min(0).sqrt()  # (out,)
+
+
+class LoRAEmbedding(LoRALayer):
+    """nn.Embedding with a frozen table W (num_embeddings, dim) plus a trainable (alpha / r) · (B A)ᵀ, PEFT's
+    convention: A (r, num_embeddings) starts at zero, B (dim, r) at N(0, 1), so the update starts at zero.
+
+    Args: as LoRALinear (base an nn.Embedding); `dropout` is kept for saving but not applied (indices cannot be
+    dropped out, as in PEFT), `init` has no effect, and use_dora is refused.
+    """
+
+    def _init_adapter(self, init: str) -> None:
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+        self.padding_idx = self.base_skeleton.padding_idx
+        self.scale_grad_by_freq = self.base_skeleton.scale_grad_by_freq
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = W[x] + (alpha / r) · (B A)ᵀ[x] = W[x] + (alpha / r) · Aᵀ[x] Bᵀ."""
+        if self.merged or not self.enabled:
+            self._check_not_training_merged()
+            return self._base(x)
+        h = self._base(x)  # (..., dim)
+        after_a = F.embedding(x, self.lora_A.T, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+        return h + (after_a @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) @ (r, dim) -> (..., dim)
+
+
+# ─── adding and freezing ──────────────────────────────────────────────────────────────────────────────────────
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(qualified name, layer) for every LoRA layer in the model, in module order."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -310,56 +448,117 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.rsplit(".", 1)[-1] == pattern or fnmatch.fnmatchcase(name, pattern)
+    """An exact qualified name, a dotted end of it (as PEFT matches: "attention.output.dense"), or a glob."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def _select(model: nn.Module, patterns, what: str) -> list[str]:
+    """The module names matched by `patterns` (a name or a list of names), in module order; every pattern must
+    match something."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{what} must be a non-empty name or a non-empty list of them, got {patterns!r}")
+    names = [n for n, _ in model.named_modules() if n]
+    wrappable = [n for n, m in model.named_modules() if _kind(m) or isinstance(m, LoRALayer)]
+    for p in patterns:
+        if not any(_matches(n, p) for n in names):
+            raise ValueError(f"{what} {p!r} matches no module; the layers lora.py can wrap are: {wrappable}")
+    return [n for n in names if any(_matches(n, p) for p in patterns)]
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """id of each parameter -> the names of every module holding it as its own (tied weights have several)."""
+    owners = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None and name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    return owners
+
+
+def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why: str = "") -> None:
+    """Raise unless module `name` of the model can be wrapped so that the adapter counts and merges exactly."""
+    modules = dict(model.named_modules())
+    module, parent = modules[name], modules[name.rpartition(".")[0]]
+    label = f"module {name!r}{why}"
+    if isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
+                        "would silently ignore the adapter; target other layers")
+    _check_base(module, name=label, use_dora=use_dora)
+    if len(tied := [n for n in owners[id(module.weight)] if n != name]):
+        raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
+                         f"would change both. Leave it out of targets, or untie it first, e.g. "
+                         f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
 
 
 def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str | Iterable[str] | None = None,
              dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
-             use_dora: bool = False) -> list[str]:
-    """Wrap in place every nn.Linear whose name matches `targets`; return the wrapped names in module order.
+             use_dora: bool = False, adapter_dtype: torch.dtype | None = None) -> list[str]:
+    """Wrap the target layers in place (freezing their weights); return the wrapped names in module order.
 
     Args:
-        targets: None for every nn.Linear; else a name or list of names, each an exact qualified name
-            ("encoder.0.query"), a last name component ("query") or a glob ("layers.*.attn.q_proj").
-            Every target must match something, and everything it matches must be an nn.Linear.
+        r: the rank of each update B A (paper, section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv).
+        alpha: scaling = alpha / r (section 4.1); None means alpha = r, scaling 1. PEFT's default is alpha = 8:
+            pass alpha=8 to match a LoraConfig that does not set lora_alpha.
+        targets: None takes what PEFT's target_modules="all-linear" takes: every nn.Linear and transformers'
+            Conv1D except the module model.get_output_embeddings() returns (where the model has that method);
+            an nn.MultiheadAttention's out_proj is left alone with a warning. Else a name or list of names, each
+            an exact qualified name ("encoder.0.query"), its dotted end as in PEFT ("query", "attention.self.query")
+            or a glob ("layers.*.attn.q_proj"); these may also name nn.Embedding layers. Every target must match
+            something, and everything it matches must be wrappable (see the module docstring).
+        dropout: dropout on the adapter's input (the paper's code); not applied to embeddings.
+        init: "kaiming" or "gaussian" initialisation of A; B starts at zero (section 4.1).
+        use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+        use_dora: DoRA (nn.Linear only).
+        adapter_dtype: dtype of the adapters; None: float32 on a float16/bfloat16 base, else the base's dtype.
     """
-    _check_hparams(r, alpha, dropout, init, use_rslora, use_dora)
+    _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
     modules = dict(model.named_modules())
-    if any(isinstance(m, LoRALinear) for m in modules.values()) and targets is None:
+    if any(isinstance(m, LoRALayer) for m in modules.values()) and targets is None:
         raise ValueError("model already carries LoRA layers; add_lora(targets=None) would stack a second adapter "
                          f"on them: {[n for n, _ in lora_layers(model)]}")
+    owners = _owners(model)
     if targets is None:
-        names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        get_out = getattr(model, "get_output_embeddings", None)
+        output = get_out() if callable(get_out) else None
+        names = [n for n, m in modules.items() if _kind(m) in ("linear", "conv1d") and m is not output]
+        if skipped := [n for n in names if isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention)]:
+            warnings.warn(f"targets=None leaves {skipped} alone: an nn.MultiheadAttention reads its out_proj's "
+                          "weight directly, so an adapter there would be ignored", stacklevel=2)
+            names = [n for n in names if n not in skipped]
         if not names:
-            raise ValueError(f"model has no nn.Linear to wrap ({type(model).__name__})")
+            raise ValueError(f"model has no nn.Linear or Conv1D to wrap ({type(model).__name__})")
+        for n in names:
+            _check_target(model, n, owners, use_dora)
     else:
-        patterns = [targets] if isinstance(targets, str) else list(targets)
-        if not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise ValueError(f"targets must be None, a non-empty name, or a non-empty list of them, got {targets!r}")
-        linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
-        matched = set()
-        for p in patterns:
-            hits = [n for n in modules if n and _matches(n, p)]
-            if not hits:
-                raise ValueError(f"target {p!r} matches no module; the nn.Linear layers are: {linears}")
-            for n in hits:
-                _check_base(modules[n], name=f"module {n!r} (matched by target {p!r})")
-            matched.update(hits)
-        names = [n for n in modules if n in matched]  # module order
-    for n in names:
-        _check_base(modules[n], name=f"module {n!r}", use_dora=use_dora)
-        if isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention):
-            raise TypeError(f"module {n!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                            "directly and would silently ignore the adapter; target other layers")
+        names = _select(model, targets, "target")
+        for n in names:
+            _check_target(model, n, owners, use_dora, why=" (matched by targets)")
     for n in names:  # all checks passed: now change the model
-        _set_submodule(model, n, LoRALinear(modules[n], r, alpha, dropout, init, use_rslora, use_dora))
+        _wrap(model, n, modules[n], r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
     return names
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except the adapters' (and biases: "all" of them, or "lora_only")."""
+def _wrap(model: nn.Module, name: str, module: nn.Module, *args) -> LoRALayer:
+    cls = LoRAEmbedding if _kind(module) == "embedding" else LoRALinear
+    layer = cls(module, *args)
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.TransformerEncoderLayer):  # its eval fast path would read W directly, skipping us
+        parent.activation_relu_or_gelu = 0  # the slow path uses parent.activation itself: same function
+    _set_submodule(model, name, layer)
+    return layer
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
+                                modules_to_save: str | Iterable[str] | None = None) -> None:
+    """Freeze every parameter except the adapters' (and biases: "all" of them, or "lora_only"), and except
+    the modules in `modules_to_save` (PEFT's name), which train in full: a new task's head, new embeddings.
+    They are given by name as add_lora's targets; lora_state_dict saves them."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
+    if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
+        raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full")
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES or
                          (bias == "all" and name.rsplit(".", 1)[-1] == "bias"))
@@ -367,6 +566,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         for _, layer in lora_layers(model):
             if layer.bias is not None:
                 layer.bias.requires_grad_(True)
+    for n in full:
+        model.get_submodule(n).requires_grad_(True)
 
 
 def _trained_biases(model: nn.Module) -> list[str]:
@@ -381,60 +582,146 @@ def _trained_biases(model: nn.Module) -> list[str]:
     return names
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What LoRA fine-tuning changed, a few KB to MB instead of the whole model, for load_lora_state_dict.
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-    Every `<path>.lora_A`, `<path>.lora_B` (and DoRA's `<path>.lora_magnitude`), the biases that
-    mark_only_lora_as_trainable(bias=...) left trainable, and each layer's hyperparameters as 0-dim tensors
-    `<path>.lora_alpha` and `<path>.lora_use_rslora` (r is lora_A's first dimension), so that loading into a
-    layer with another alpha fails instead of silently changing the update. A module trained in full
-    (a classifier head) is not an adapter: save its state_dict too, or use lora_peft.save_peft_adapter.
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print trainable and total parameters and the trainable share, as PEFT's print_trainable_parameters."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+# ─── saving and loading ───────────────────────────────────────────────────────────────────────────────────────
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor that fine-tuning trained, and what load_lora_state_dict needs to rebuild the wrapping.
+
+    Tensors only, so torch.load(weights_only=True) and safetensors both carry it:
+    - each LoRA layer's `<path>.lora_A`, `<path>.lora_B` (and DoRA's `<path>.lora_magnitude`), whose shapes
+      give r and whose dtype is the adapter dtype, and 0-dim `<path>.lora_alpha`, `<path>.lora_use_rslora`,
+      `<path>.lora_dropout`;
+    - every other parameter that requires grad under its state_dict name (trained biases, the modules of
+      mark_only_lora_as_trainable(modules_to_save=...)), with the buffers of modules that train in full.
+    ValueError if the model has no LoRA layers.
     """
-    keep = {f"{n}.{p}" for n, layer in lora_layers(model) for p in ADAPTER_NAMES if hasattr(layer, p)}
-    keep.update(_trained_biases(model))
-    state = {k: v for k, v in model.state_dict().items() if k in keep}
-    for name, layer in lora_layers(model):
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to save: call lora.add_lora first")
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    full = [n for n, m in model.named_modules() if not isinstance(m, LoRALayer) and
+            (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)]
+    buffers = {f"{n}.{b}" if n else b for n in full for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
+    adapters = {f"{n}.{p}" for n, layer in layers for p in ADAPTER_NAMES if hasattr(layer, p)}
+    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+             if k in adapters or k in buffers or id(v) in trained}
+    for name, layer in layers:
         state[f"{name}.lora_alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
         state[f"{name}.lora_use_rslora"] = torch.tensor(layer.use_rslora)
+        state[f"{name}.lora_dropout"] = torch.tensor(layer.dropout, dtype=torch.float64)
     return state
 
 
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load what lora_state_dict saved into a model wrapped the same way (same targets, r, alpha, use_rslora,
-    use_dora). Checks every key, shape and hyperparameter before copying anything."""
-    params = model.state_dict()
-    own = lora_state_dict(model)
-    required = {k for k in own if k.rsplit(".", 1)[-1] != "bias"}  # biases: whichever the adapter trained
-    missing = sorted(required - state_dict.keys())
-    unexpected = sorted(k for k in state_dict.keys() - required
-                        if not (k.rsplit(".", 1)[-1] == "bias" and k in params))
-    if missing or unexpected:
-        raise KeyError(f"adapter state_dict does not fit this model: missing keys {missing}, unexpected keys "
-                       f"{unexpected} (was add_lora called with the same targets and use_dora?)")
-    for name, layer in lora_layers(model):
-        saved = (state_dict[f"{name}.lora_alpha"].item(), bool(state_dict[f"{name}.lora_use_rslora"]))
-        if saved != (layer.alpha, layer.use_rslora):
-            raise ValueError(f"layer {name!r}: the adapter was trained with alpha={saved[0]:g}, "
-                             f"use_rslora={saved[1]}; this layer has alpha={layer.alpha:g}, "
-                             f"use_rslora={layer.use_rslora} (add_lora with the adapter's alpha and use_rslora)")
+def _saved_layers(state_dict: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer path: {"lora_A": ..., "lora_alpha": ..., ...}} from an adapter state dict."""
+    layers = {}
     for k, v in state_dict.items():
-        target = params[k] if k in params else own[k]
-        if v.shape != target.shape:
-            raise ValueError(f"shape mismatch for {k!r}: state_dict has {tuple(v.shape)}, "
-                             f"model has {tuple(target.shape)} (same r?)")
-    if merged := [n for n, layer in lora_layers(model) if layer.merged]:
-        raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
-    for k, v in state_dict.items():
-        if k in params:
-            params[k].copy_(v)
+        path, _, leaf = k.rpartition(".")
+        if leaf in ADAPTER_NAMES + SETTINGS:
+            layers.setdefault(path, {})[leaf] = v
+    for path, got in layers.items():
+        if missing := [k for k in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora") if k not in got]:
+            raise KeyError(f"adapter state_dict: layer {path!r} lacks {missing}")
+    return layers
 
+
+def _layer_settings(got: dict) -> dict:
+    """The add_lora settings an adapter layer was saved with (dropout None in files older than it)."""
+    dropout = got.get("lora_dropout")
+    return dict(r=got["lora_A"].shape[0], alpha=got["lora_alpha"].item(), use_rslora=bool(got["lora_use_rslora"]),
+                use_dora="lora_magnitude" in got, adapter_dtype=got["lora_A"].dtype,
+                dropout=None if dropout is None else dropout.item())
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load what lora_state_dict saved; returns the LoRA layers' names.
+
+    Into a model never wrapped, it wraps the saved layers itself with their saved settings; into a wrapped model,
+    its LoRA layers must be the saved ones. Keys, then shapes, then settings are checked before anything
+    changes; a mismatch raises, saying which and how to fix it. Files from older lora.py versions (no
+    `lora_dropout`) load into a model wrapped by hand with the same add_lora call.
+    """
+    saved = _saved_layers(state_dict)
+    own = dict(lora_layers(model))
+    modules = dict(model.named_modules())
+    if not saved:
+        raise KeyError("the state_dict holds no lora_A / lora_B tensors: it is not an adapter from lora_state_dict")
+    if own and set(own) != set(saved):
+        raise KeyError(f"the model's LoRA layers are not the adapter's: the model lacks {sorted(set(saved) - set(own))}"
+                       f", the adapter lacks {sorted(set(own) - set(saved))} (was add_lora called with the same "
+                       "targets?) Or load into a model without LoRA, which is then wrapped as the adapter was.")
+    if not own:
+        if old := [p for p, got in saved.items() if "lora_dropout" not in got]:
+            raise ValueError(f"layers {old} were saved by an older lora.py that did not record dropout: call "
+                             "add_lora(model, ...) with the settings they were trained with, then load")
+        if absent := [p for p in saved if p not in modules]:
+            raise KeyError(f"the adapter has layers {absent}, which the model lacks")
+        owners = _owners(model)
+        for path, got in saved.items():
+            _check_target(model, path, owners, "lora_magnitude" in got, why=" (in the adapter)")
+    others = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ADAPTER_NAMES + SETTINGS}
+    params = model.state_dict()
+    if unexpected := sorted(k for k in others if k not in params):
+        raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}")
+    for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
+        r = own[path].r if own else got["lora_A"].shape[0]
+        in_f, out_f = (own[path].in_features, own[path].out_features) if own else _dims(modules[path])
+        want = {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_magnitude": (out_f,)}
+        for k in ADAPTER_NAMES:
+            if k in got and tuple(got[k].shape) != want[k]:
+                raise ValueError(f"layer {path!r}: the adapter's {k} has shape {tuple(got[k].shape)}, but this "
+                                 f"{in_f} -> {out_f} layer at r={r} needs {want[k]} (the adapter has r="
+                                 f"{got['lora_A'].shape[0]}: add_lora with that r, or load into a model without LoRA)")
+    for k, v in others.items():
+        if v.shape != params[k].shape:
+            raise ValueError(f"shape mismatch for {k!r}: state_dict has {tuple(v.shape)}, "
+                             f"model has {tuple(params[k].shape)}")
+    for path, layer in own.items():  # then settings
+        got = _layer_settings(saved[path])
+        have = dict(r=layer.r, alpha=layer.alpha, use_rslora=layer.use_rslora, use_dora=layer.use_dora,
+                    adapter_dtype=layer.lora_A.dtype, dropout=layer.dropout)
+        if diff := {k: (got[k], have[k]) for k in got if got[k] is not None and got[k] != have[k]}:
+            raise ValueError(f"layer {path!r}: the adapter was saved with {({k: v[0] for k, v in diff.items()})}, "
+                             f"this layer has {({k: v[1] for k, v in diff.items()})}: call add_lora with the "
+                             "adapter's settings, or load into a model without LoRA")
+    if merged := [n for n, layer in own.items() if layer.merged]:
+        raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
+
+    if not own:  # all checks passed: now change the model
+        for path in (n for n in modules if n in saved):
+            s = _layer_settings(saved[path])
+            own[path] = _wrap(model, path, modules[path], s["r"], s["alpha"], s["dropout"], "kaiming",
+                              s["use_rslora"], s["use_dora"], s["adapter_dtype"])
+    for path, got in saved.items():
+        for k in ADAPTER_NAMES:
+            if k in got:
+                getattr(own[path], k).copy_(got[k])
+    for k, v in others.items():
+        params[k].copy_(v)
+    return list(own)
+
+
+# ─── merging ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding its adapted weight, merged in place (no second copy
-    of W); returns the model. Every layer is checked before any is changed, so a diverged adapter leaves the
-    model as it was. The weights must be whole tensors: under FSDP2, merge an unsharded copy loaded from a full
-    state dict. (merge states the rounding.)
+    """Replace every LoRA layer by the module it wrapped (its class and settings), holding the adapted weight,
+    merged in place (no second copy of W); returns the model. Every layer is checked before any is changed, so a
+    diverged adapter leaves the model as it was. The weights must be whole tensors: under FSDP2, merge an
+    unsharded copy loaded from a full state dict. (merge states the rounding.) Merge before Hugging Face's
+    save_pretrained: it saves W and drops the adapters.
     """
     layers = list(lora_layers(model))
     for name, layer in layers:
@@ -446,13 +733,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, layer in layers:
             if not layer.merged:
                 layer.weight.copy_(layer._fold()[0])
-            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                               device="meta")  # no allocation: both parameters are replaced below
-            linear.weight = layer.weight
-            linear.bias = layer.bias
-            _set_submodule(model, name, linear)
+            base = copy.copy(layer.base_skeleton)
+            base._parameters = dict(base._parameters)
+            base.weight = layer.weight
+            if "bias" in base._parameters:
+                base.bias = layer.bias
+            base.train(layer.training)
+            _set_submodule(model, name, base)
     return model
 
+
+# ─── switching off ────────────────────────────────────────────────────────────────────────────────────────────
 
 @contextlib.contextmanager
 def disable_lora(model: nn.Module):
@@ -470,9 +761,3 @@ def disable_lora(model: nn.Module):
             layer.enabled = enabled
             if merged:
                 layer.merge()
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -19,6 +19,10 @@ import lora
 # A folder with adapter_config.json (a LoraConfig) and adapter_model.safetensors, keyed
 #   base_model.model.<path>.lora_A.weight  (r, in)     base_model.model.<path>.lora_B.weight  (out, r)
 #   base_model.model.<path>.lora_magnitude_vector (out,), for DoRA
+#   base_model.model.<path>.lora_embedding_A  (r, num_embeddings)   .lora_embedding_B  (dim, r), for nn.Embedding
+# transformers' Conv1D (GPT-2) stores W as (in, out): PEFT's config says fan_in_fan_out=True; A and B keep the
+# shapes above, and PEFT itself sets fan_in_fan_out per layer from its type, so we write True when any layer is a
+# Conv1D and read it from each layer's type.
 #   base_model.model.<path>.base_layer.bias  for the bias of a LoRA layer, <path>.bias for any other bias
 #   base_model.model.<module>.<name>  for each tensor of a module in modules_to_save
 # PEFT selects target_modules by regex (a string, matching the whole name) or by list (the whole name or its
@@ -26,6 +30,7 @@ import lora
 
 PEFT_PREFIX = "base_model.model."
 _PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
+              "fan_in_fan_out",
               "use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 _PEFT_BOOKKEEPING = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
                      "inference_mode", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
@@ -45,15 +50,15 @@ def _peft_pattern(patterns: dict, name: str, default):
     return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
 
-def _peft_trained(model: nn.Module, layers: dict[str, lora.LoRALinear]) -> tuple[str, list[str]]:
+def _peft_trained(model: nn.Module, layers: dict[str, lora.LoRALayer]) -> tuple[str, list[str]]:
     """(PEFT's `bias` setting, its `modules_to_save`) for what is trainable in the model besides the adapters."""
     modules_to_save = []
     for name, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False))
-        if isinstance(module, lora.LoRALinear) and module.weight.requires_grad:
+        if isinstance(module, lora.LoRALayer) and module.weight.requires_grad:
             raise ValueError(f"layer {name!r} trains its base weight W, which PEFT's format cannot hold "
                              "(lora.mark_only_lora_as_trainable freezes it)")
-        if not isinstance(module, lora.LoRALinear) and any(p.requires_grad for n, p in own.items() if n != "bias"):
+        if not isinstance(module, lora.LoRALayer) and any(p.requires_grad for n, p in own.items() if n != "bias"):
             if frozen := [n for n, p in own.items() if not p.requires_grad]:
                 raise ValueError(f"module {name!r} trains some of its parameters but not {frozen}; PEFT saves a "
                                  "module trained in full (modules_to_save) or only the biases")
@@ -103,13 +108,16 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": r, "lora_alpha": number(alpha), "target_modules": targets, "lora_dropout": first.dropout,
               "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": bias,
-              "modules_to_save": modules_to_save or None, "fan_in_fan_out": False, "init_lora_weights": True,
+              "modules_to_save": modules_to_save or None, "init_lora_weights": True,
+              "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
               "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
               "alpha_pattern": {"^" + re.escape(n): number(layer.alpha) for n, layer in layers.items()
                                 if layer.alpha != alpha}}
     tensors = {}
     for n, layer in layers.items():
-        tensors[f"{n}.lora_A.weight"], tensors[f"{n}.lora_B.weight"] = layer.lora_A, layer.lora_B
+        a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, lora.LoRAEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{n}.{a}"], tensors[f"{n}.{b}"] = layer.lora_A, layer.lora_B
         if layer.use_dora:
             tensors[f"{n}.lora_magnitude_vector"] = layer.lora_magnitude
     if bias != "none":
@@ -145,7 +153,8 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
     """PEFT's tensors sorted: ({LoRA module: {"lora_A" | "lora_B" | "lora_magnitude": tensor}},
     {our state_dict key: tensor} for biases and modules_to_save)."""
     adapters, loads, base_layer_biases = {}, {}, set()
-    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
+    parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude",
+             ".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B"}
     for key, t in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"tensor {key!r} does not start with {PEFT_PREFIX!r}, as PEFT's names do")
@@ -156,6 +165,8 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
             adapters.setdefault(k[:-len(suffix)], {})[parts[suffix]] = t
         elif owner is not None and k[len(owner) + 1:].startswith(("modules_to_save.", "original_module.")):
             continue  # PEFT's bias="all" also writes these copies of the module's biases
+        elif k.endswith(".base_layer.weight"):  # PEFT saves an adapted embedding's table (new tokens): load it
+            loads[k.removesuffix(".base_layer.weight") + ".weight"] = t
         elif k.endswith(".base_layer.bias"):
             base_layer_biases.add(k.removesuffix(".base_layer.bias"))
             loads[k.removesuffix(".base_layer.bias") + ".bias"] = t
@@ -172,14 +183,12 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
     return adapters, loads
 
 
-def _check_peft_layer(modules: dict, name: str, got: dict, config: dict) -> tuple[int, float]:
+def _check_peft_layer(model: nn.Module, owners: dict, name: str, got: dict, config: dict) -> tuple[int, float]:
     """(r, alpha) for LoRA module `name` of the adapter, after checking that the model can take it."""
-    use_dora, targets = bool(config.get("use_dora")), config.get("target_modules")
+    use_dora, targets, modules = bool(config.get("use_dora")), config.get("target_modules"), dict(model.named_modules())
     if name not in modules:
         raise ValueError(f"the adapter has tensors for module {name!r}, which the model lacks")
-    lora._check_base(modules[name], name=f"module {name!r}", use_dora=use_dora)
-    if isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention):
-        raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which ignores adapters")
+    lora._check_target(model, name, owners, use_dora, why=" (in the adapter)")
     need = ("lora_A", "lora_B", "lora_magnitude") if use_dora else ("lora_A", "lora_B")
     if missing := [p for p in need if p not in got]:
         raise ValueError(f"module {name!r}: the adapter lacks its {missing} (use_dora={use_dora})")
@@ -187,7 +196,7 @@ def _check_peft_layer(modules: dict, name: str, got: dict, config: dict) -> tupl
         raise ValueError(f"module {name!r}: the adapter has {extra}, which use_dora={use_dora} does not use")
     r = _peft_pattern(config.get("rank_pattern") or {}, name, config.get("r", 8))
     alpha = _peft_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-    out_features, in_features = modules[name].weight.shape
+    in_features, out_features = lora._dims(modules[name])
     shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "lora_magnitude": (out_features,)}
     for p, t in got.items():
         if tuple(t.shape) != shapes[p]:
@@ -210,7 +219,7 @@ def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save:
     modules, state, targets = dict(model.named_modules()), model.state_dict(), config.get("target_modules")
     if targets not in (None, "all-linear"):
         if missing := [n for n, m in modules.items() if n and n not in adapters and n not in to_save
-                       and isinstance(m, nn.Linear) and _peft_selects(targets, n)]:
+                       and lora._kind(m) and _peft_selects(targets, n)]:
             raise ValueError(f"target_modules {targets!r} select {missing}, but the adapter has no tensors for them")
     for m in to_save:
         if missing := [f"{m}.{k}" for k in modules[m].state_dict() if f"{m}.{k}" not in loads]:
@@ -224,6 +233,9 @@ def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save:
 
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load a PEFT LoRA/DoRA adapter folder into a model without LoRA; returns the wrapped names in module order.
+
+    nn.Linear, transformers' Conv1D (fan_in_fan_out) and nn.Embedding (lora_embedding_A/B) layers; adapters saved
+    in float16/bfloat16 load as float32 (lora.py's adapter dtype on a float32 or half-precision base).
 
     Wraps the layers the adapter has tensors for and loads A, B, DoRA's magnitudes, biases and modules_to_save;
     then leaves trainable what PEFT's get_peft_model would (adapters, the biases of `bias`, modules_to_save).
@@ -241,18 +253,18 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     modules = dict(model.named_modules())
     to_save = [n for n in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
     adapters, loads = _sort_peft_tensors(tensors, to_save, config)
-    hparams = {name: _check_peft_layer(modules, name, got, config) for name, got in adapters.items()}
+    owners = lora._owners(model)
+    hparams = {name: _check_peft_layer(model, owners, name, got, config) for name, got in adapters.items()}
     _check_peft_coverage(model, adapters, loads, to_save, config)
 
     names = [n for n in modules if n in adapters]  # all checks passed: now change the model
     state = model.state_dict()
     with torch.no_grad():
-        for n in names:
-            layer = lora.LoRALinear(modules[n], *hparams[n], dropout=config.get("lora_dropout", 0.0),
-                               use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+        for n in names:  # half-precision adapters become float32 ones on a float32 base, as on a half one
+            layer = lora._wrap(model, n, modules[n], *hparams[n], config.get("lora_dropout", 0.0), "kaiming",
+                               bool(config.get("use_rslora")), bool(config.get("use_dora")), None)
             for p, t in adapters[n].items():
                 getattr(layer, p).copy_(t)
-            lora._set_submodule(model, n, layer)
         for k, t in loads.items():
             state[k].copy_(t)
     lora.mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))

@@ -4,9 +4,12 @@
     python bench/lora_layer.py --dora     # the same training step for DoRA, against PEFT's use_dora=True layer
 
 Training step (forward + backward, input requiring grad as inside a network) for (a) a frozen nn.Linear,
-(b) our unmerged LoRALinear, (c) PEFT's LoRA Linear with the same r, alpha, dropout and bf16 adapter weights;
-peak memory above what the step starts with; and inference of our merged layer against nn.Linear.
-With --dora, (b) and (c) are the DoRA layers (bf16 magnitudes too), next to our LoRA step for its overhead.
+(b) our unmerged LoRALinear with its default float32 adapter, (c) PEFT's LoRA Linear with its default float32
+adapter (autocast_adapter_dtype), same r, alpha and dropout; then both with bf16 adapters, ours twice: with the
+fused addmm of LoRALinear.forward and with the plain formula F.linear(x, W, b) + s · dropout(x) Aᵀ Bᵀ (the
+before/after of keeping the addmm); peak memory above what the step starts with; and inference of our merged
+layer against nn.Linear. With --dora, (b) and (c) are the DoRA layers (float32 adapters and magnitudes), next
+to our LoRA step for its overhead.
 Medians of CUDA-event timings over many repeats, the same input tensors for every layer.
 """
 
@@ -16,6 +19,7 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import record, table
 
@@ -64,22 +68,39 @@ class Holder(nn.Module):
         self.proj = linear
 
 
-def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False) -> nn.Module:
+def peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False,
+               fp32: bool = True) -> nn.Module:
     import peft
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], use_dora=use_dora)
-    # autocast_adapter_dtype=False keeps PEFT's adapter in bf16 like ours (its default upcasts it to float32)
-    model = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=False)
+    # PEFT's default autocast_adapter_dtype=True keeps the adapter in float32, as ours; False keeps it in bf16
+    model = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=fp32)
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.01)
     return layer.train()
 
 
-def ours(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False) -> lora.LoRALinear:
-    layer = lora.LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora)
+def ours(base: nn.Linear, r: int, alpha: float, dropout: float, use_dora: bool = False,
+         adapter_dtype: torch.dtype | None = None) -> lora.LoRALinear:
+    layer = lora.LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora,
+                            adapter_dtype=adapter_dtype)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
     return layer.train()
+
+
+class PlainFormula(lora.LoRALinear):
+    """LoRALinear without the fused addmm: the formula as written, for the before/after of keeping it."""
+
+    def forward(self, x):
+        x_drop = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x_drop, self.lora_A), self.lora_B) * self.scaling
+
+
+def plain(base: nn.Linear, r: int, alpha: float, dropout: float) -> PlainFormula:
+    layer = ours(base, r, alpha, dropout, adapter_dtype=base.weight.dtype)
+    layer.__class__ = PlainFormula
+    return layer
 
 
 def dora_rows(base: nn.Linear, x: torch.Tensor, gy: torch.Tensor, ranks: list[int], repeats: int,
@@ -121,8 +142,9 @@ def main():
                      dora_rows(base, x, gy, args.ranks, args.repeats, frozen_ms))
         body += (f"\n\nd_in = d_out = {D}, {TOKENS} tokens, bf16, alpha = 2r, medians of {args.repeats} CUDA-event "
                  f"timings of forward + backward; peak memory above the memory held before the step. "
-                 f"PEFT {peft.__version__}, adapter weights and magnitudes kept in bf16.")
-        record("4b. DoRA: LoRALinear(use_dora=True) against PEFT's DoRA Linear", body, dev)
+                 f"PEFT {peft.__version__}; adapters and magnitudes in float32 in both (each one's default).")
+        record("4d. DoRA, float32 adapters and magnitudes (both defaults): LoRALinear(use_dora=True) against "
+               "PEFT's DoRA Linear", body, dev)
     else:
         train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft.__version__, dev)
     if args.profile:
@@ -133,14 +155,23 @@ def train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft_version, dev)
     rows = []
     for r in args.ranks:
         for dropout in (0.0, 0.1):
-            layers = {"ours": ours(base, r, 2 * r, dropout), "peft": peft_layer(base, r, 2 * r, dropout)}
+            bf16 = base.weight.dtype
+            layers = {"ours": ours(base, r, 2 * r, dropout), "peft": peft_layer(base, r, 2 * r, dropout),
+                      "ours16": ours(base, r, 2 * r, dropout, adapter_dtype=bf16),
+                      "plain16": plain(base, r, 2 * r, dropout),
+                      "peft16": peft_layer(base, r, 2 * r, dropout, fp32=False)}
             ms = {k: cuda_ms(train_step(m, x, gy), args.repeats) for k, m in layers.items()}
             mem = {k: peak_mib(train_step(m, x, gy)) for k, m in layers.items()}
             rows.append([r, dropout, f"{frozen_ms:.3f}", f"{ms['ours']:.3f}", f"{ms['peft']:.3f}",
                          f"**{ms['ours'] / ms['peft']:.2f}x**", f"{ms['ours'] / frozen_ms:.2f}x",
-                         f"{frozen_mem:.0f}", f"{mem['ours']:.0f}", f"{mem['peft']:.0f}"])
+                         f"{frozen_mem:.0f}", f"{mem['ours']:.0f}", f"{mem['peft']:.0f}",
+                         f"{ms['ours16']:.3f}", f"{ms['plain16']:.3f}", f"{ms['peft16']:.3f}",
+                         f"**{ms['ours16'] / ms['plain16']:.2f}x**", f"{mem['ours16']:.0f}", f"{mem['plain16']:.0f}",
+                         f"{mem['peft16']:.0f}"])
     body = table(["r", "dropout", "frozen nn.Linear (ms)", "ours (ms)", "PEFT (ms)", "ours / PEFT",
-                  "ours / frozen", "peak MiB frozen", "peak MiB ours", "peak MiB PEFT"], rows)
+                  "ours / frozen", "peak MiB frozen", "peak MiB ours", "peak MiB PEFT",
+                  "bf16 adapters: ours, fused addmm (ms)", "ours, plain formula (ms)", "PEFT (ms)",
+                  "addmm / plain", "peak MiB addmm", "peak MiB plain", "peak MiB PEFT"], rows)
 
     infer = []
     with torch.no_grad():
@@ -157,8 +188,10 @@ def train_and_infer(base, x, gy, frozen_ms, frozen_mem, args, peft_version, dev)
                    infer))
     body += (f"\n\nd_in = d_out = {D}, {TOKENS} tokens, bf16, alpha = 2r, medians of {args.repeats} CUDA-event "
              f"timings; peak memory is above the memory held before the step (weights, input, output grad). "
-             f"PEFT {peft_version}, adapter weights kept in bf16.")
-    record("4. LoRALinear against PEFT's LoRA Linear and a frozen nn.Linear", body, dev)
+             f"PEFT {peft_version}. Columns 4-10: float32 adapters on the bf16 base, each one's default; the "
+             f"later columns: bf16 adapters (adapter_dtype=torch.bfloat16, PEFT's autocast_adapter_dtype=False).")
+    record("4c. LoRALinear (float32 adapters, the default) against PEFT's LoRA Linear and a frozen nn.Linear; "
+           "the fused addmm against the plain formula", body, dev)
 
 
 def profile(base, x, gy, use_dora: bool) -> None:

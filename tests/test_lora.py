@@ -1,4 +1,4 @@
-"""lora.py against its contract (issues 2 and 10). Each test name states the property; CPU, seconds."""
+"""lora.py against its contract. Each test name states the property; CPU, seconds."""
 
 import copy
 import math
@@ -60,9 +60,13 @@ def test_wraps_the_base_tensors_without_copying_and_freezes_them():
     assert (layer.in_features, layer.out_features) == (10, 6)
 
 
-def test_adapter_takes_the_base_dtype():
-    layer = LoRALinear(nn.Linear(10, 6, dtype=torch.bfloat16), r=2)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+@pytest.mark.parametrize("base, adapter", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_adapters_are_float32_on_a_half_precision_base_and_the_base_dtype_otherwise(base, adapter):
+    layer = LoRALinear(nn.Linear(10, 6, dtype=base), r=2, use_dora=True)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.lora_magnitude.dtype == adapter
+    assert layer(torch.randn(3, 10, dtype=base)).dtype == base
+    assert LoRALinear(nn.Linear(10, 6, dtype=base), r=2, adapter_dtype=torch.bfloat16).lora_B.dtype == torch.bfloat16
 
 
 def test_identity_at_init_is_exact():
@@ -567,7 +571,7 @@ def test_adapter_round_trip_into_a_freshly_wrapped_model_reproduces_outputs(tmp_
         with torch.no_grad():
             layer.lora_B.normal_()
     sd = lora.lora_state_dict(model)
-    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
+    assert set(sd) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("lora_A", "lora_B", *lora.SETTINGS)}
     torch.save(sd, tmp_path / "adapter.pt")
     fresh = mlp()  # same base weights (same seed), new random adapter
     lora.add_lora(fresh, r=4)
@@ -584,12 +588,14 @@ def test_load_lora_state_dict_refuses_bad_input_and_changes_nothing():
 
     missing = dict(good)
     del missing["2.lora_B"]
-    with pytest.raises(KeyError, match="2.lora_B"):
+    with pytest.raises(KeyError, match=r"'2' lacks \['lora_B'\]"):
         lora.load_lora_state_dict(model, missing)
-    with pytest.raises(KeyError, match="9.lora_A"):
-        lora.load_lora_state_dict(model, {**good, "9.lora_A": torch.zeros(4, 4)})
+    with pytest.raises(KeyError, match=r"the model lacks \['9'\]"):
+        lora.load_lora_state_dict(model, {**good, "9.lora_A": torch.zeros(4, 4), "9.lora_B": torch.zeros(4, 4),
+                                          "9.lora_alpha": torch.tensor(4.0), "9.lora_use_rslora": torch.tensor(False)})
     wrong = {**good, "0.lora_A": torch.zeros(8, 784)}
-    with pytest.raises(ValueError, match=r"0\.lora_A.*\(8, 784\).*\(4, 784\)"):
+    with pytest.raises(ValueError, match=r"'0': the adapter's lora_A has shape \(8, 784\), but .* needs \(4, 784\) "
+                                         r"\(the adapter has r=8: add_lora with that r"):
         lora.load_lora_state_dict(model, wrong)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     model[0].merge()
@@ -609,18 +615,20 @@ def test_lora_state_dict_keeps_the_biases_mark_only_lora_as_trainable_trains(bia
     lora.add_lora(model, r=2, targets="query", alpha=4)
     lora.mark_only_lora_as_trainable(model, bias=bias)
     sd = lora.lora_state_dict(model)
-    adapter = {f"layers.{i}.query.{n}" for i in (0, 1) for n in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora")}
+    adapter = {f"layers.{i}.query.{n}" for i in (0, 1) for n in ("lora_A", "lora_B", *lora.SETTINGS)}
     assert set(sd) == adapter | biases
     assert sd["layers.1.query.lora_alpha"].item() == 4.0 and not sd["layers.1.query.lora_use_rslora"]
 
 
-def test_lora_state_dict_leaves_out_a_module_trained_in_full():
+def test_lora_state_dict_keeps_a_module_trained_in_full_with_its_buffers():
     model = Tiny()
+    model.layers[0].bn = nn.BatchNorm1d(8)
     lora.add_lora(model, r=2, targets="query")
-    lora.mark_only_lora_as_trainable(model, bias="all")
-    model.head.requires_grad_(True)  # a classifier head trained in full: save_peft_adapter's modules_to_save
+    lora.mark_only_lora_as_trainable(model, bias="all", modules_to_save=["head", "layers.0.bn"])
+    assert model.head.weight.requires_grad and model.layers[0].bn.weight.requires_grad
     sd = lora.lora_state_dict(model)
-    assert "head.weight" not in sd and "head.bias" not in sd and "layers.0.norm.bias" in sd
+    assert {"head.weight", "head.bias", "layers.0.norm.bias", "layers.0.bn.running_mean"} <= set(sd)
+    assert "layers.0.norm.weight" not in sd and "layers.0.query.weight" not in sd
 
 
 def test_an_adapter_with_trained_biases_round_trips_into_a_fresh_model():
@@ -642,8 +650,10 @@ def test_an_adapter_with_trained_biases_round_trips_into_a_fresh_model():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=16), r"'0': the adapter was trained with alpha=8, use_rslora=False; this layer has alpha=16"),
-    (dict(alpha=8, use_rslora=True), r"use_rslora=False; this layer has alpha=8, use_rslora=True"),
+    (dict(alpha=16), r"'0': the adapter was saved with \{'alpha': 8.0\}, this layer has \{'alpha': 16.0\}"),
+    (dict(alpha=8, use_rslora=True), r"saved with \{'use_rslora': False\}, this layer has \{'use_rslora': True\}"),
+    (dict(alpha=8, dropout=0.1), r"saved with \{'dropout': 0.0\}"),
+    (dict(alpha=8, adapter_dtype=torch.float64), r"saved with \{'adapter_dtype': torch.float32\}"),
 ])
 def test_load_lora_state_dict_refuses_another_alpha_or_rslora_and_changes_nothing(kwargs, match):
     trained = mlp()
@@ -662,7 +672,7 @@ def test_load_lora_state_dict_names_the_magnitudes_of_a_dora_adapter_in_a_lora_m
     lora.add_lora(dora, r=2, use_dora=True)
     model = mlp()
     lora.add_lora(model, r=2)
-    with pytest.raises(KeyError, match=r"unexpected keys \['0.lora_magnitude'.*use_dora"):
+    with pytest.raises(ValueError, match=r"'0': the adapter was saved with \{'use_dora': True\}"):
         lora.load_lora_state_dict(model, lora.lora_state_dict(dora))
 
 
@@ -728,7 +738,7 @@ def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, 
 
 
 def test_base_that_is_not_linear_raises_type_error():
-    with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="base is a Conv1d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embed"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
 
 
@@ -739,7 +749,7 @@ def test_a_target_that_matches_nothing_lists_the_linear_layers():
 
 def test_a_target_that_is_not_linear_raises_type_error():
     unchanged(Tiny, lambda m: lora.add_lora(m, r=2, targets=["query", "norm"]), TypeError,
-              r"'layers.0.norm'.*must be an nn.Linear, got LayerNorm")
+              r"'layers.0.norm' \(matched by targets\) is a LayerNorm; lora.py wraps nn.Linear, transformers' Conv1D")
 
 
 def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
@@ -753,9 +763,12 @@ def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
         LoRALinear(wrapped().layers[0].query, r=2)
 
 
-def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored():
-    unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2), TypeError,
-              "MultiheadAttention")
+def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored_and_targets_none_skips_it_warning():
+    unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2, targets="out_proj"),
+              TypeError, "'self_attn.out_proj' .* is the out_proj of an nn.MultiheadAttention")
+    with pytest.warns(UserWarning, match=r"leaves \['self_attn.out_proj'\] alone") as record:
+        assert lora.add_lora(nn.TransformerEncoderLayer(8, 2, 16), r=2) == ["linear1", "linear2"]
+    assert len(record) == 1
 
 
 def test_r_above_min_dimension_is_allowed_with_one_warning():
@@ -869,8 +882,9 @@ def test_cuda_bf16_forward_backward_and_merge():
     torch.manual_seed(0)
     base = nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
     layer = LoRALinear(base, r=8, alpha=16, dropout=0.1)
-    assert layer.lora_A.device.type == "cuda" and layer.lora_A.dtype == torch.bfloat16
+    assert layer.lora_A.device.type == "cuda" and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
     layer(x).float().pow(2).mean().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0 and layer.weight.grad is None
     with torch.no_grad():
@@ -882,5 +896,294 @@ def test_cuda_bf16_forward_backward_and_merge():
     merged = layer(x)
     print(f"\ncuda bf16 on {torch.cuda.get_device_name()}: merged vs unmerged rel err {rel_err(merged, unmerged):.2e}")
     assert rel_err(merged, unmerged) < 2e-2
+    layer.unmerge()
+    assert torch.equal(lora.LoRALinear.merged_weight(layer), (layer.weight.float() + layer.scaling * (
+        layer.lora_B @ layer.lora_A)).bfloat16())  # formed in float32, rounded once
     compiled = torch.compile(LoRALinear(nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16), r=8))
     assert compiled(x).shape == (64, 128)
+
+
+# --- the layers people bring: Conv1D, nn.Embedding, tied weights, subclasses, the transformer fast path ----------
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D as GPT-2 uses it (W stored (in, out)), written here so lora.py's tests need no
+    transformers: lora.py recognises it by class name, nf and nx."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_conv1d_forward_merge_and_disable_follow_the_closed_form_with_w_stored_in_by_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 8))
+    base = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8)
+    assert lora.add_lora(model, r=2, alpha=4) == ["0"]
+    assert torch.equal(model(x), base(x))  # B = 0: the base output, bit for bit
+    layer = model[0]
+    assert layer.lora_A.shape == (2, 8) and layer.lora_B.shape == (6, 2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    W, b, A, B = (t.double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B))
+    expected = x.double() @ W + b + 2.0 * x.double() @ A.T @ B.T
+    assert rel_err(model(x), expected) < 1e-6
+    with lora.disable_lora(model):
+        assert torch.equal(model(x), base(x))
+    lora.merge_lora(model)
+    assert type(model[0]) is Conv1D and model[0].nf == 6 and model[0].weight is layer.weight
+    torch.testing.assert_close(model[0].weight.double(), W + 2.0 * (B @ A).T)
+    assert rel_err(model(x), expected) < 1e-6
+
+
+def test_embedding_adds_the_looked_up_row_of_scaled_BA_transposed_and_keeps_the_pad_row():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6, padding_idx=0))
+    base = copy.deepcopy(model)
+    ids = torch.tensor([[0, 3, 9], [1, 0, 3]])
+    assert lora.add_lora(model, r=2, alpha=4, targets="0") == ["0"]
+    layer = model[0]
+    assert isinstance(layer, lora.LoRAEmbedding) and layer.lora_A.shape == (2, 10) and layer.lora_B.shape == (6, 2)
+    assert torch.equal(layer.lora_A, torch.zeros(2, 10)) and torch.equal(model(ids), base(ids))  # A = 0 as PEFT
+    layer(ids).pow(2).sum().backward()
+    assert torch.equal(layer.lora_A.grad[:, 0], torch.zeros(2))  # the pad column gets no gradient
+    with torch.no_grad():
+        layer.lora_A[:, 1:].normal_()
+    delta = 2.0 * (layer.lora_B.double() @ layer.lora_A.double()).T  # (10, 6)
+    torch.testing.assert_close(model(ids).double(), (layer.weight.double() + delta)[ids])
+    assert torch.equal(model(ids)[0, 0], base(ids)[0, 0])  # pad row: W's
+    lora.merge_lora(model)
+    assert type(model[0]) is nn.Embedding and model[0].padding_idx == 0
+    torch.testing.assert_close(model[0].weight.double(), base[0].weight.double() + delta)
+
+
+def test_embedding_with_max_norm_and_dora_on_non_linear_layers_are_refused_naming_why():
+    unchanged(lambda: nn.Sequential(nn.Embedding(10, 6, max_norm=1.0)), lambda m: lora.add_lora(m, r=2, targets="0"),
+              TypeError, "max_norm=1.0.*renormalises W's rows in place")
+    unchanged(lambda: nn.Sequential(nn.Embedding(10, 6)), lambda m: lora.add_lora(m, r=2, targets="0", use_dora=True),
+              TypeError, "is a Embedding: use_dora=True wraps nn.Linear only")
+    unchanged(lambda: nn.Sequential(nn.Conv2d(3, 3, 1)), lambda m: lora.add_lora(m, r=2, targets="0"), TypeError,
+              "module '0' .* is a Conv2d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding")
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body, self.lm_head = nn.Embedding(12, 8), nn.Linear(8, 8), nn.Linear(8, 12, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+def test_a_tied_weight_is_refused_from_either_side_naming_both_modules_and_the_way_out():
+    unchanged(TiedLM, lambda m: lora.add_lora(m, r=2, targets=["body", "lm_head"]), ValueError,
+              r"'lm_head' .*shares its weight with \['embed'\] .*untie it first, e.g. model.lm_head.weight = ")
+    unchanged(TiedLM, lambda m: lora.add_lora(m, r=2, targets="embed"), ValueError,
+              r"'embed' .*shares its weight with \['lm_head'\]")
+
+
+def test_targets_none_leaves_out_the_output_embeddings_as_peft_all_linear():
+    model = TiedLM()
+    assert lora.add_lora(model, r=2) == ["body"]
+    with torch.no_grad():
+        model.body.lora_B.normal_()
+    ids = torch.randint(0, 12, (2, 5))
+    before, embedding = model(ids), model.embed.weight.clone()
+    lora.merge_lora(model)
+    assert torch.equal(model.embed.weight, embedding) and model.lm_head.weight is model.embed.weight
+    torch.testing.assert_close(model(ids), before)
+
+
+class FakeQuantLinear(nn.Linear):
+    def forward(self, x):  # computes with a rounded weight, as a quantized layer would
+        return nn.functional.linear(x, (self.weight * 4).round() / 4, self.bias)
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused_and_one_without_is_wrapped():
+    unchanged(lambda: nn.Sequential(FakeQuantLinear(4, 4)), lambda m: lora.add_lora(m, r=2), TypeError,
+              r"'0' is a FakeQuantLinear, a subclass of nn.Linear with its own forward")
+    model = nn.Sequential(PlainSubclass(4, 4))
+    lora.add_lora(model, r=2)
+    lora.merge_lora(model)
+    assert type(model[0]) is PlainSubclass
+
+
+def test_each_layer_class_refuses_the_other_kind_of_base_before_freezing_it():
+    base = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="base is a Linear: wrap it with LoRALinear"):
+        lora.LoRAEmbedding(base, r=2)
+    with pytest.raises(TypeError, match="base is a Embedding: wrap it with LoRAEmbedding"):
+        LoRALinear(nn.Embedding(4, 4), r=2)
+    assert base.weight.requires_grad
+
+
+def test_transformer_decoder_layer_adapters_count_in_eval_mode_too():
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"\['self_attn.out_proj', 'multihead_attn.out_proj'\]"):
+        assert lora.add_lora(model, r=2) == ["linear1", "linear2"]
+    with torch.no_grad():
+        model.linear2.lora_B.normal_()
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    train_out = model.train()(x, memory)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, memory), train_out)
+        with lora.disable_lora(model):
+            assert (model(x, memory) - train_out).abs().max() > 1e-2
+
+
+def test_transformer_encoder_adapter_counts_in_eval_mode_and_no_grad_after_training():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    base = copy.deepcopy(model).eval()
+    with pytest.warns(UserWarning, match="out_proj"):
+        lora.add_lora(model, r=4, targets=None)
+    lora.mark_only_lora_as_trainable(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    x = torch.randn(3, 5, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    train_out = model.train()(x)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), train_out)  # the fast path would give the base model's
+        assert (model(x) - base(x)).abs().max() > 1e-2
+    torch.testing.assert_close(model(x), train_out)
+
+
+def test_a_bf16_base_trains_float32_adapters_that_small_adam_steps_move():
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    moved = {}
+    for adapter_dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)
+        layer = LoRALinear(nn.Linear(32, 8, dtype=torch.bfloat16), r=4, adapter_dtype=adapter_dtype)
+        with torch.no_grad():
+            layer.lora_B.fill_(1.0)  # B at 1: an update of 1e-4 is below bfloat16's resolution there
+        before = layer.lora_B.detach().clone()
+        opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-4)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).mean().backward()
+        opt.step()
+        moved[adapter_dtype] = (layer.lora_B != before).float().mean().item()
+    assert moved[None] == 1.0 and moved[torch.bfloat16] == 0.0
+
+
+def test_targets_match_dotted_ends_of_names_as_peft_does():
+    assert lora.add_lora(Tiny(), r=2, targets="1.query") == ["layers.1.query"]
+    assert lora.add_lora(Tiny(), r=2, targets=["0.query", "layers.1.value"]) == ["layers.0.query", "layers.1.value"]
+
+
+# --- the workflow: train with the head, save, load into a fresh model -------------------------------------------
+
+def test_saving_an_adapter_from_a_model_without_lora_raises():
+    with pytest.raises(ValueError, match="has no LoRA layers to save: call lora.add_lora first"):
+        lora.lora_state_dict(mlp())
+
+
+def test_modules_to_save_must_match_and_cannot_be_a_lora_layer():
+    model = Tiny()
+    lora.add_lora(model, r=2, targets="query")
+    unchanged(lambda: model, lambda m: lora.mark_only_lora_as_trainable(m, modules_to_save="classifier"),
+              ValueError, "modules_to_save 'classifier' matches no module")
+    with pytest.raises(ValueError, match=r"modules_to_save \['layers.0.query'.* carry LoRA"):
+        lora.mark_only_lora_as_trainable(model, modules_to_save="query")
+
+
+def trained_tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Tiny()
+    lora.add_lora(model, r=2, alpha=3, targets=["query", "value"], dropout=0.1, **kw)
+    lora.mark_only_lora_as_trainable(model, bias="lora_only", modules_to_save=["head"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tiny_out(model, x):
+    h = x
+    for block in model.layers:
+        h = block.norm(block.query(h) + block.value(h))
+    return model.head(h)
+
+
+@pytest.mark.parametrize("how", ["torch", "safetensors"])
+@pytest.mark.parametrize("use_dora, use_rslora", [(False, False), (True, True)])
+def test_an_adapter_file_rebuilds_its_wrapping_in_a_fresh_model_with_the_trained_head(tmp_path, how, use_dora,
+                                                                                       use_rslora):
+    model = trained_tiny(use_dora=use_dora, use_rslora=use_rslora).eval()
+    sd = lora.lora_state_dict(model)
+    assert {"head.weight", "head.bias", "layers.0.query.bias"} <= set(sd)
+    if how == "torch":
+        torch.save(sd, tmp_path / "a.pt")
+        loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    else:
+        safetensors = pytest.importorskip("safetensors.torch")
+        safetensors.save_file(sd, tmp_path / "a.safetensors")
+        loaded = safetensors.load_file(tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    fresh = Tiny().eval()  # the pretrained model, never wrapped
+    torch.manual_seed(7)
+    nn.init.normal_(fresh.head.weight)  # and a new task's untrained head
+    assert lora.load_lora_state_dict(fresh, loaded) == ["layers.0.query", "layers.0.value", "layers.1.query",
+                                                        "layers.1.value"]
+    x = torch.randn(4, 8)
+    assert torch.equal(tiny_out(fresh, x), tiny_out(model, x))
+    for (_, a), (_, b) in zip(lora.lora_layers(fresh), lora.lora_layers(model)):
+        assert (a.r, a.alpha, a.dropout, a.use_rslora, a.use_dora, a.lora_A.dtype) == \
+               (b.r, b.alpha, b.dropout, b.use_rslora, b.use_dora, b.lora_A.dtype)
+
+
+def test_loading_into_a_fresh_model_refuses_mismatches_before_changing_anything():
+    sd = lora.lora_state_dict(trained_tiny())
+    wrong_rank = {**sd, "layers.0.query.lora_A": torch.zeros(3, 8)}
+    unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, wrong_rank), ValueError,
+              r"'layers.0.query': the adapter's lora_B has shape \(8, 2\), but this 8 -> 8 layer at r=3 needs")
+    wrong_head = {**sd, "head.weight": torch.zeros(3, 8)}
+    unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, wrong_head), ValueError, "shape mismatch for 'head.weight'")
+    extra = {**sd, "classifier.weight": torch.zeros(2, 8)}
+    unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, extra), KeyError, r"unexpected keys \['classifier.weight'\]")
+    unchanged(TiedLM, lambda m: lora.load_lora_state_dict(m, {"lm_head.lora_A": torch.zeros(2, 8),
+              "lm_head.lora_B": torch.zeros(12, 2), "lm_head.lora_alpha": torch.tensor(2.0),
+              "lm_head.lora_use_rslora": torch.tensor(False), "lm_head.lora_dropout": torch.tensor(0.0)}),
+              ValueError, "'lm_head' \\(in the adapter\\).*shares its weight with \\['embed'\\]")
+
+
+def test_an_adapter_from_the_older_format_loads_into_a_wrapped_model_and_is_refused_by_a_fresh_one():
+    model = trained_tiny()
+    old = {k: v for k, v in lora.lora_state_dict(model).items() if not k.endswith("lora_dropout")}
+    unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, old), ValueError,
+              "saved by an older lora.py that did not record dropout: call add_lora")
+    wrapped = Tiny()
+    lora.add_lora(wrapped, r=2, alpha=3, targets=["query", "value"])
+    lora.load_lora_state_dict(wrapped, old)
+    assert torch.equal(wrapped.layers[1].value.lora_B, model.layers[1].value.lora_B)
+
+
+def test_print_trainable_parameters_prints_counts_and_share(capsys):
+    model = mlp()
+    lora.add_lora(model, r=4)
+    lora.mark_only_lora_as_trainable(model)
+    lora.print_trainable_parameters(model)
+    trainable, total = lora.count_parameters(model)
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,} || all params: {total:,} || "
+                                       f"trainable%: {100 * trainable / total:.4f}\n")

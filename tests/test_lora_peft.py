@@ -167,7 +167,7 @@ def test_targets_that_are_the_dotted_end_of_other_names_are_written_as_an_exact_
     linear = lambda: nn.Sequential(nn.Linear(6, 6))
     base = nn.ModuleDict({"a": linear(), "x": nn.ModuleDict({"a": linear()})})  # "a.0" and "x.a.0"
     model = copy.deepcopy(base)
-    assert lora.add_lora(model, r=2, targets="a.0") == ["a.0"]
+    assert lora.add_lora(model, r=2, targets="a.*") == ["a.0"]  # "a.0" would match "x.a.0" too, as in PEFT
     lora_peft.save_peft_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == r"(a\.0)"
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
@@ -277,7 +277,6 @@ def edit_adapter(folder, config=None, drop=(), add=None):
 P = "base_model.model."
 REFUSALS = {  # name: (how the adapter is edited, exception, message)
     "unknown_peft_type": (dict(config={"peft_type": "IA3"}), ValueError, "peft_type 'IA3' is not supported"),
-    "fan_in_fan_out": (dict(config={"fan_in_fan_out": True}), ValueError, r"\{'fan_in_fan_out': True\}"),
     "lora_bias": (dict(config={"lora_bias": True}), ValueError, r"\{'lora_bias': True\} are not supported"),
     "layers_to_transform": (dict(config={"layers_to_transform": [0]}), ValueError, "layers_to_transform"),
     "use_qalora": (dict(config={"use_qalora": True}), ValueError, "use_qalora"),
@@ -286,7 +285,7 @@ REFUSALS = {  # name: (how the adapter is edited, exception, message)
     "bad_bias_setting": (dict(config={"bias": "some"}), ValueError, "bias='some'"),
     "target_not_linear": (dict(add={P + "body.1.lora_A.weight": torch.zeros(4, 16),
                                     P + "body.1.lora_B.weight": torch.zeros(16, 4)}),
-                          TypeError, r"module 'body.1' must be an nn.Linear, got LayerNorm"),
+                          TypeError, r"module 'body.1' \(in the adapter\) is a LayerNorm; lora.py wraps nn.Linear"),
     "module_the_model_lacks": (dict(add={P + "body.9.lora_A.weight": torch.zeros(4, 16)}), ValueError,
                                "tensors for module 'body.9', which the model lacks"),
     "missing_lora_B": (dict(drop=[P + "body.3.lora_B.weight"]), ValueError,
@@ -390,3 +389,195 @@ def test_lora_py_imports_neither_safetensors_nor_peft_and_lora_peft_imports_no_p
             "import lora_peft; assert not {'peft', 'transformers'} & set(sys.modules), sys.modules")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# --- GPT-2, Llama and BERT from transformers, against PEFT ---------------------------------------------------------
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+
+
+def tiny_llama(tied=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "llama_tied": lambda: tiny_llama(tied=True), "bert": tiny_bert}
+IDS = torch.tensor([[3, 7, 11, 2, 9, 4], [5, 1, 8, 8, 6, 2]])
+
+
+def peft_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def logits(model):
+    return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_targets_none_selects_what_peft_all_linear_selects(name):
+    peft = pytest.importorskip("peft")
+    ours, theirs = MODELS[name](), MODELS[name]()
+    wrapped = lora.add_lora(ours, r=2)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert sorted(wrapped) == sorted(peft_layers(theirs))
+    assert not any("lm_head" in n for n in wrapped)
+
+
+def copy_adapters_into_peft(ours, theirs):
+    """Give PEFT's layers our A, B: the same adapter in both implementations."""
+    for n, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(n)
+        with torch.no_grad():
+            if isinstance(layer, lora.LoRAEmbedding):
+                peft_layer.lora_embedding_A["default"].copy_(layer.lora_A)
+                peft_layer.lora_embedding_B["default"].copy_(layer.lora_B)
+            else:
+                peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+                peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+
+
+@pytest.mark.parametrize("name, targets", [("gpt2", None), ("llama", ["embed_tokens", "q_proj", "v_proj"])])
+def test_gpt2_conv1d_and_llama_embedding_match_peft_in_logits_gradients_and_merged_weights(name, targets):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    ours = MODELS[name]()
+    wrapped = lora.add_lora(ours, r=4, alpha=8, targets=targets)
+    for _, layer in lora.lora_layers(ours):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.3)
+            layer.lora_A.normal_(0, 0.3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets or "all-linear",
+                             fan_in_fan_out=name == "gpt2")
+    theirs = peft.get_peft_model(MODELS[name](), config)
+    copy_adapters_into_peft(ours, theirs)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    logits(ours).pow(2).mean().backward()
+    logits(theirs).pow(2).mean().backward()
+    for n in wrapped:
+        layer, peft_layer = ours.get_submodule(n), theirs.base_model.model.get_submodule(n)
+        embedding = n.endswith("embed_tokens")
+        a = peft_layer.lora_embedding_A["default"] if embedding else peft_layer.lora_A["default"].weight
+        torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-6)
+    merged, peft_merged = lora.merge_lora(ours), theirs.merge_and_unload()
+    assert [type(m) for m in merged.modules()] == [type(m) for m in peft_merged.modules()]
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, targets", [("gpt2", None), ("llama", ["embed_tokens", "q_proj", "v_proj"])])
+def test_gpt2_and_llama_embedding_adapters_move_both_ways_with_peft(tmp_path, name, targets):
+    peft = pytest.importorskip("peft")
+    ours = MODELS[name]()
+    lora.add_lora(ours, r=4, alpha=8, targets=targets)
+    perturb(ours)
+    lora_peft.save_peft_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] == (name == "gpt2")
+    in_peft = peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(in_peft), logits(ours), rtol=1e-5, atol=1e-5)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets or "all-linear", fan_in_fan_out=name == "gpt2")
+    theirs = peft.get_peft_model(MODELS[name](), config)
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = MODELS[name]()
+    lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs")
+    torch.testing.assert_close(logits(in_ours), logits(theirs.eval()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_llama_refuses_lora_on_its_embedding_naming_the_output_layer():
+    model = tiny_llama(tied=True)
+    with pytest.raises(ValueError, match=r"'model.embed_tokens' .*shares its weight with \['lm_head'\]"):
+        lora.add_lora(model, r=2, targets="embed_tokens")
+    assert not list(lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_peft_adapter_loads_as_float32(tmp_path, dtype):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_llama().to(dtype), peft.LoraConfig(r=2, target_modules=["q_proj"]),
+                                 autocast_adapter_dtype=False)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].dtype == dtype
+    for base in (tiny_llama(), tiny_llama().to(dtype)):
+        lora_peft.load_peft_adapter(base, tmp_path)
+        layer = base.model.layers[0].self_attn.q_proj
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+        assert torch.equal(layer.lora_B, theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B[
+            "default"].weight.float())
+
+
+def train_a_few_steps(model, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        logits(model.train()).pow(2).mean().backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, targets, head", [("bert", ["query", "value"], "classifier"),
+                                                 ("llama", ["embed_tokens", "q_proj", "v_proj"], "lm_head")])
+def test_train_with_the_head_save_and_load_into_a_fresh_model_ours_and_peft_files_both_ways(tmp_path, name, targets,
+                                                                                          head):
+    peft = pytest.importorskip("peft")
+    make = {"bert": tiny_bert, "llama": tiny_llama}[name]
+
+    def fresh():  # the pretrained body (seed 0) under a new task's head drawn from another seed
+        model = make()
+        torch.manual_seed(5)
+        for p in model.get_submodule(head).parameters():
+            nn.init.normal_(p, std=0.5)
+        return model
+    ours = fresh()
+    lora.add_lora(ours, r=4, alpha=8, targets=targets)
+    lora.mark_only_lora_as_trainable(ours, modules_to_save=[head])
+    train_a_few_steps(ours)
+    save_file(lora.lora_state_dict(ours), tmp_path / "adapter.safetensors")
+    loaded = fresh()
+    lora.load_lora_state_dict(loaded, load_file(tmp_path / "adapter.safetensors"))
+    assert torch.equal(logits(loaded), logits(ours))
+
+    lora_peft.save_peft_adapter(ours, tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(fresh(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(in_peft), logits(ours), rtol=1e-5, atol=1e-5)
+    theirs = peft.get_peft_model(fresh(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          modules_to_save=[head]))
+    train_a_few_steps(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = fresh()
+    lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs")
+    torch.testing.assert_close(logits(in_ours), logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+# --- the README's loop, as written ------------------------------------------------------------------------------
+
+def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_the_adapted_logits(tmp_path,
+                                                                                                 monkeypatch):
+    pytest.importorskip("transformers")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use `lora.py`")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    model, ids = scope["model"].eval(), scope["ids"]
+    from transformers import BertForSequenceClassification
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "finetuned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert "transformer.h.0.attn.c_attn" in [n for n, _ in lora.lora_layers(scope["gpt2"])]
+    assert not isinstance(scope["gpt2"].lm_head, lora.LoRALayer)
