@@ -105,7 +105,7 @@ def table(results: pd.DataFrame, show_targets: bool = True, accuracy: str = "tes
     has_dora = bool(results["dora"].fillna(False).astype(bool).any())
     cells = {"method": [method_label(r, show_targets) for _, r in results.iterrows()],
              "trainable params": results["trainable_params"].map("{:,}".format),
-             "% of full's params": results["pct_params_vs_full"].map("{:.1f}".format),
+             "% of full's params": results["pct_params_vs_full"].map(lambda v: f"{v:.1f}" if v >= 0.95 else f"{v:.2g}"),
              f"{accuracy} (mean ± std)": [f"{m:.4f} ± {s:.4f}" for m, s in zip(results[f"{acc}_mean"],
                                                                             results[f"{acc}_std"])],
              "difference to full finetuning, points (95% interval)": [
