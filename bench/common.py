@@ -11,9 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import experiment  # noqa: E402
-import storage  # noqa: E402
-from config import Config  # noqa: E402
+from experiments import protocol, storage  # noqa: E402
+from experiments.mnist.config import Config  # noqa: E402
+from experiments.mnist.experiment import MnistExperiment  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -37,7 +37,8 @@ def wall(fn, device: torch.device) -> float:
 
 def default_learning_rates(cfg: Config) -> dict[str, float]:
     """The committed learning rates of the default experiment of cfg.model."""
-    return storage.load_learning_rates(storage.Outputs(cfg.model), cfg.tuning_fields(), experiment.tune_command(cfg))
+    command = MnistExperiment(cfg, torch.device("cpu")).tune_command()
+    return storage.load_learning_rates(storage.Outputs(cfg.model), protocol.tuning_fields(cfg), command)
 
 
 def median(xs: list[float]) -> float:

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import default_learning_rates, record, table, wall  # first: puts the repo on sys.path
-import runs
-from config import Config, resolve_device
-from models import add_adapter, make_mlp
-from tasks import load_tasks
+from experiments import protocol
+from experiments.methods import resolve_device
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import MnistExperiment
+from experiments.mnist.models import add_adapter, make_mlp
+from experiments.mnist.tasks import load_tasks
 
 
 def step_flops(model, x, y) -> int:
@@ -79,7 +81,7 @@ def main():
     rate = matmul_rate(device)
     lrs = default_learning_rates(cfg)
     with tempfile.TemporaryDirectory() as cache:
-        measured = wall(lambda: runs.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False), device)
+        measured = wall(lambda: protocol.sweep(MnistExperiment(cfg, device), lrs, cache, progress=False), device)
     floor = total / rate
     rows = [[k, f"{v / 1e9:.1f}"] for k, v in flops.items()] + [["**total**", f"**{total / 1e9:.1f}**"]]
     body = table(["phase", "GFLOP (matmuls, fwd + bwd)"], rows)

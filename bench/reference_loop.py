@@ -16,11 +16,13 @@ import torch
 
 from common import default_learning_rates, median, record, table, wall  # first: puts the repo on sys.path
 import lora
-import runs
-from config import Config, resolve_device
-from models import add_adapter, make_mlp
-from plain_loop import plain_accuracy, plain_fit
-from tasks import load_tasks
+from experiments import protocol
+from experiments.methods import resolve_device
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import MnistExperiment
+from experiments.mnist.models import add_adapter, make_mlp
+from experiments.mnist.tasks import load_tasks
+from experiments.plain_loop import plain_accuracy, plain_fit
 
 
 def plain_sweep(cfg: Config, lrs: dict, device: torch.device) -> dict[str, list[float]]:
@@ -63,7 +65,7 @@ def main():
         plain_times.append(wall(lambda: out.update(plain=plain_sweep(cfg, lrs, device)), device))
         with tempfile.TemporaryDirectory() as cache:
             sweep_times.append(wall(lambda: out.update(
-                sweep=runs.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False)), device))
+                sweep=protocol.sweep(MnistExperiment(cfg, device), lrs, cache, progress=False)), device))
     plain, sweep = median(plain_times), median(sweep_times)
     mean = lambda xs: sum(xs) / len(xs)
     acc = out["sweep"].groupby("method", sort=False)["acc_B"].mean()

@@ -2,7 +2,7 @@
 evaluations), or of the learning-rate search (--phase search: every method at every learning rate of the grid on
 the tuning seeds), the median of several repetitions, each with an empty run cache.
 
-    python bench/sweep_time.py [--phase sweep|search] [--model mlp|transformer] [--device auto|cpu|cuda] [--repeats 3]
+    python bench/sweep_time.py [--phase sweep|search] [--experiment mlp|transformer] [--device auto|cpu|cuda] [--repeats 3]
 """
 
 import argparse
@@ -11,9 +11,10 @@ import tempfile
 import pandas as pd
 
 from common import ROOT, default_learning_rates, median, record, table, wall  # first: puts the repo on sys.path
-import runs
-import storage
-from config import Config, resolve_device
+from experiments import protocol, storage
+from experiments.methods import resolve_device
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import MnistExperiment
 
 
 def main():
@@ -21,19 +22,19 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=("sweep", "search"), default="sweep")
-    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
+    p.add_argument("--experiment", choices=("mlp", "transformer"), default="mlp")
     args = p.parse_args()
     device = resolve_device(args.device)
-    cfg = Config.default(args.model)
+    cfg = Config.default(args.experiment)
     lrs = default_learning_rates(cfg)
     times, out = [], {}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
             if args.phase == "sweep":
                 times.append(wall(lambda: out.update(
-                    sweep=runs.run_sweep(cfg, lrs, device, cache_dir=cache, progress=False)), device))
+                    sweep=protocol.sweep(MnistExperiment(cfg, device), lrs, cache, progress=False)), device))
             else:
-                times.append(wall(lambda: runs.tune(cfg, device, cache_dir=cache, progress=False), device))
+                times.append(wall(lambda: protocol.tune(MnistExperiment(cfg, device), cache, progress=False), device))
         print(f"{times[-1]:.2f} s")
     body = table(["device", "runs (s)", "median (s)"],
                  [[str(device), ", ".join(f"{t:.2f}" for t in times), f"**{median(times):.2f}**"]])

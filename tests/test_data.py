@@ -1,4 +1,4 @@
-"""data.py: MNIST offline, verified, never half-written (issue 3)."""
+"""experiments/mnist/data.py: MNIST offline, verified, never half-written."""
 
 import gzip
 import hashlib
@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-import data
-from data import DataError
+from experiments.mnist import data
+from experiments.storage import DataError
 
 
 def files_in(root):

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-import experiment
 import lora
-import report
-import runs
-import storage
-from config import Config, Method
-from models import add_adapter, make_mlp
-from tasks import load_tasks, split_indices
+from experiments import protocol, storage
+from experiments.__main__ import main as cli
+from experiments.methods import Method
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import MnistExperiment, finetune, initial_adapters, pretrain
+from experiments.mnist.models import add_adapter, make_mlp
+from experiments.mnist.tasks import load_tasks, split_indices
 
 CPU = torch.device("cpu")
 QUICK = Config.quick()
@@ -27,16 +27,10 @@ def tasks():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, run_pipeline):
     """tune + sweep + files on the quick config, once for the module."""
     out = storage.Outputs("mlp", tmp_path_factory.mktemp("quick"))
-    grid, chosen = runs.tune(QUICK, CPU, cache_dir=out.root / "runs", progress=False)
-    storage.save_learning_rates(out, QUICK.tuning_fields(), grid, chosen)
-    lrs = storage.load_learning_rates(out, QUICK.tuning_fields(), experiment.tune_command(QUICK))
-    per_seed = runs.run_sweep(QUICK, lrs, CPU, cache_dir=out.root / "runs", progress=False)
-    results = report.summarize(per_seed, QUICK)
-    storage.save_results(out, QUICK, per_seed, results, report.plot(results, QUICK), CPU, 1.0)
-    return out, grid, lrs, per_seed, results
+    return out, *run_pipeline(MnistExperiment(QUICK, CPU), out)
 
 
 def test_train_and_validation_indices_are_disjoint_and_cover_the_training_images():
@@ -72,12 +66,15 @@ def test_methods_are_data_with_names_and_distinct_dropout_streams():
     ranks = Config().ranks
     assert [m.name for m in mlp] == ["full"] + [f"lora_r{r}" for r in ranks] + [f"dora_r{r}" for r in ranks]
     assert [m.name for m in tf[:3]] == ["full", "lora_qv_r1", "lora_qv_r2"] and len(tf) == 1 + 3 * 4
-    assert tf[-1] == Method("lora", 8, "all") and tf[-1].targets == "all"
-    # An underscore in a target set no longer parses as anything: the fields are the fields.
-    assert Method("lora", 4, "q_v").name == "lora_q_v_r4"
+    assert tf[-1] == Method("lora", 8, "all") and tf[-1].target_set == "all"
+    with pytest.raises(ValueError, match="target_set must be one of"):
+        Method("lora", 4, "q_v")
     streams = [m.dropout_seed for m in mlp + tf]
     assert len(set(streams)) == len({m for m in mlp + tf})  # distinct methods, distinct streams
-    assert [m.dropout_seed for m in mlp[:1 + len(ranks)]] == [1000] + [1000 * (1 + r) for r in ranks]  # as before
+    assert [m.dropout_seed for m in mlp[:1 + len(ranks)]] == [1000] + [1000 * (1 + r) for r in ranks]
+    # Pinned: a method's dropout stream must not move when target sets or methods are added.
+    assert [Method("head").dropout_seed, Method("lora", 8, "qv").dropout_seed, Method("lora", 8, "qkvo").dropout_seed,
+            Method("lora", 4, dora=True).dropout_seed] == [500, 9100, 9200, 5050]
     with pytest.raises(ValueError, match="only a LoRA method has a rank or DoRA"):
         Method("full", dora=True)
     with pytest.raises(ValueError, match="needs a rank"):
@@ -98,9 +95,9 @@ def test_stacked_seeds_train_exactly_like_separate_models(tasks):
     with dropout each seed draws its own masks)."""
     cfg = dataclasses.replace(QUICK, dropout=0.0)
     small = {t: {s: (x[:600], y[:600]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    seeds, method = [0, 1, 2], Method("lora", 4, show_targets=False)
-    together = runs.finetune(cfg, small, seeds, runs.pretrain(cfg, small, seeds)["params"], method, (1e-2,))
-    alone = [runs.finetune(cfg, small, [s], runs.pretrain(cfg, small, [s])["params"], method, (1e-2,)) for s in seeds]
+    seeds, method = [0, 1, 2], Method("lora", 4, show_target_set=False)
+    together = finetune(cfg, small, seeds, pretrain(cfg, small, seeds)["params"], method, (1e-2,))
+    alone = [finetune(cfg, small, [s], pretrain(cfg, small, [s])["params"], method, (1e-2,)) for s in seeds]
     for i in range(len(seeds)):
         assert alone[i]["acc_B"][0] == pytest.approx(together["acc_B"][i], abs=1.5 / len(small["B"]["test"][1]))
         assert together["losses"][i] == pytest.approx(alone[i]["losses"][0], rel=1e-4)  # each seed's own loss
@@ -111,12 +108,12 @@ def test_stacked_learning_rates_train_exactly_like_separate_runs(tasks):
     """The learning-rate search trains the whole grid at once: the same as one run per learning rate."""
     cfg = dataclasses.replace(QUICK, dropout=0.0)
     small = {t: {s: (x[:600], y[:600]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    seeds, method, lrs = [0, 1], Method("lora", 4, show_targets=False), (1e-3, 1e-2, 3e-2)
-    base = runs.pretrain(cfg, small, seeds)["params"]
-    together = runs.finetune(cfg, small, seeds, base, method, lrs)
+    seeds, method, lrs = [0, 1], Method("lora", 4, show_target_set=False), (1e-3, 1e-2, 3e-2)
+    base = pretrain(cfg, small, seeds)["params"]
+    together = finetune(cfg, small, seeds, base, method, lrs)
     assert together["lrs"] == [1e-3, 1e-3, 1e-2, 1e-2, 3e-2, 3e-2] and together["seeds"] == seeds * 3
     for i, lr in enumerate(lrs):
-        alone = runs.finetune(cfg, small, seeds, base, method, (lr,))
+        alone = finetune(cfg, small, seeds, base, method, (lr,))
         for j in range(len(seeds)):
             k = i * len(seeds) + j
             assert together["losses"][k] == pytest.approx(alone["losses"][j], rel=1e-5)
@@ -155,7 +152,7 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
 def test_pretraining_loss_goes_down(tasks):
     cfg = dataclasses.replace(QUICK, pretrain_epochs=3)
     small = {t: {s: (x[:2000], y[:2000]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    (losses,) = runs.pretrain(cfg, small, [0])["losses"]
+    (losses,) = pretrain(cfg, small, [0])["losses"]
     assert losses[-1] < losses[0] * 0.7
 
 
@@ -167,39 +164,45 @@ def test_a_rerun_is_identical_and_an_interrupted_sweep_resumes_to_the_same_resul
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        runs.run_sweep(QUICK, lrs, CPU, cache_dir=tmp_path, progress=False, after_each=interrupt_after_two)
+        protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False, after_each=interrupt_after_two)
     cached = sorted(p.name for p in tmp_path.rglob("*.pt"))
     assert len(cached) == 3  # pretraining and two finished methods, nothing half-written
     (next(tmp_path.rglob("seeds_*")) / ".lora_r4_lr0.01.pt.123.tmp").write_bytes(b"torn")  # a killed write
-    resumed = runs.run_sweep(QUICK, lrs, CPU, cache_dir=tmp_path, progress=False)
+    resumed = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False)
     pd.testing.assert_frame_equal(resumed, per_seed)
 
 
 def test_a_different_config_never_shares_cached_runs():
-    keys = {runs.run_key(c, CPU) for c in (QUICK, dataclasses.replace(QUICK, finetune_epochs=3),
-                                           dataclasses.replace(QUICK, lr_grid=(1e-3,)), Config())}
+    key = lambda c: protocol.run_key(MnistExperiment(c, CPU))
+    keys = {key(c) for c in (QUICK, dataclasses.replace(QUICK, finetune_epochs=3),
+                             dataclasses.replace(QUICK, lr_grid=(1e-3,)), Config())}
     assert len(keys) == 4
-    assert runs.run_key(QUICK, CPU) == runs.run_key(Config.quick(), CPU)
+    assert key(QUICK) == key(Config.quick())
 
 
 def test_the_cache_key_hashes_training_code_and_not_reporting_code(monkeypatch, tmp_path):
-    for name in runs.TRAINING_CODE + ("report.py", "storage.py", "experiment.py"):
-        (tmp_path / name).write_bytes((runs.ROOT / name).read_bytes())
-    monkeypatch.setattr(runs, "ROOT", tmp_path)
-    key = runs.run_key(QUICK, CPU)
-    (tmp_path / "report.py").write_text("# a new plot colour\n")
-    assert runs.run_key(QUICK, CPU) == key
-    (tmp_path / "trainer.py").write_text("# a changed training loop\n")
-    assert runs.run_key(QUICK, CPU) != key
+    exp = MnistExperiment(QUICK, CPU)
+    names = [f.name for f in exp.code_files()]
+    assert {"lora.py", "trainer.py", "methods.py", "models.py"} <= set(names)
+    assert not {"lora_peft.py", "report.py", "figures.py", "storage.py", "__main__.py"} & set(names)
+    copies = [tmp_path / f"{i}_{f.name}" for i, f in enumerate(exp.code_files())]
+    for copy, f in zip(copies, exp.code_files()):
+        copy.write_bytes(f.read_bytes())
+    key = protocol.run_key(exp)
+    monkeypatch.setattr(exp, "code_files", lambda: copies)
+    assert protocol.run_key(exp) == key  # the same bytes, wherever they are
+    copies[names.index("trainer.py")].write_text("# a changed training loop\n")
+    assert protocol.run_key(exp) != key
 
 
 def test_learning_rates_from_another_config_are_refused(quick_run):
     out = quick_run[0]
-    load = lambda o, c: storage.load_learning_rates(o, c.tuning_fields(), experiment.tune_command(c))
+    load = lambda o, c: storage.load_learning_rates(o, protocol.tuning_fields(c),
+                                                    MnistExperiment(c, CPU).tune_command())
     assert load(out, dataclasses.replace(QUICK, seeds=7))  # seeds do not change the tuning
     with pytest.raises(ValueError, match="finetune_epochs"):
         load(out, dataclasses.replace(QUICK, finetune_epochs=9))
-    with pytest.raises(FileNotFoundError, match="experiment.py tune"):
+    with pytest.raises(FileNotFoundError, match="python -m experiments tune --experiment mlp"):
         load(storage.Outputs("mlp", out.root / "nowhere"), QUICK)
 
 
@@ -225,36 +228,37 @@ def test_summary_is_mean_and_std_over_seeds_with_paired_differences(quick_run):
     (["sweep", "--device", "cuda:7"], "does not exist here"),
     (["sweep", "--device", "tpu"], "unknown device 'tpu'"),
     (["train"], "invalid choice: 'train'"),
+    (["tune", "--experiment", "cifar"], "invalid choice: 'cifar'"),
 ])
 def test_bad_cli_arguments_are_refused_before_any_work(args, message, monkeypatch, capsys):
     def no_work(*a, **k):
         raise AssertionError("work started")
-    monkeypatch.setattr(runs, "tune", no_work)
-    monkeypatch.setattr(runs, "run_sweep", no_work)
+    monkeypatch.setattr(protocol, "tune", no_work)
+    monkeypatch.setattr(protocol, "sweep", no_work)
     with pytest.raises(SystemExit) as e:
-        experiment.main(args)
+        cli(args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_the_sweep_cli_refuses_to_run_without_learning_rates(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        experiment.main(["sweep", "--quick", "--out", str(tmp_path)])
-    assert "experiment.py tune" in capsys.readouterr().err
+        cli(["sweep", "--quick", "--out", str(tmp_path)])
+    assert "python -m experiments tune --experiment mlp" in capsys.readouterr().err
 
 
 def test_finetuning_leaves_the_callers_warning_filters_alone(tasks):
     small = {t: {s: (x[:300], y[:300]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    base = runs.pretrain(QUICK, small, [0])["params"]
+    base = pretrain(QUICK, small, [0])["params"]
     before = list(warnings.filters)
-    runs.finetune(QUICK, small, [0], base, Method("lora", 8, show_targets=False), (1e-2,))  # r = 8 > 5 on the head
+    finetune(QUICK, small, [0], base, Method("lora", 8, show_target_set=False), (1e-2,))  # r = 8 > 5 on the head
     assert warnings.filters == before
 
 
 def test_doras_magnitude_starts_at_the_row_norms_of_each_seeds_pretrained_weights(tasks):
     small = {t: {s: (x[:300], y[:300]) for s, (x, y) in tasks[t].items()} for t in "AB"}
-    base = runs.pretrain(QUICK, small, [0, 1])["params"]
-    adapters = runs.initial_adapters(QUICK, Method("lora", 2, dora=True), [0, 1], base)
+    base = pretrain(QUICK, small, [0, 1])["params"]
+    adapters = initial_adapters(QUICK, Method("lora", 2, dora=True), [0, 1], base)
     for i in range(2):
         for layer in ("0", "3", "6"):
             torch.testing.assert_close(adapters[f"{layer}.lora_magnitude"][i], base[f"{layer}.weight"][i].norm(dim=1))
@@ -265,3 +269,9 @@ def test_add_adapter_trains_only_the_adapters_on_the_mlp():
     model = make_mlp()
     add_adapter(model, Method("lora", 2))
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_ties_in_validation_score_go_to_the_smallest_learning_rate():
+    grid = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 2, "lr": [0.1, 0.01, 0.03, 1e-3, 1e-2],
+                         "score_mean": [0.9, 0.9, 0.8, 0.5, 0.6]})
+    assert protocol.choose_learning_rates(grid, "score_mean") == {"a": 0.01, "b": 0.01}

@@ -9,18 +9,17 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-import experiment
-import report
-import storage
-import tasks
-import text_report
-from config import Config
-from text_config import TextConfig
+from experiments import protocol, report, stats, storage
+from experiments.__main__ import make_experiment
+from experiments.mnist import tasks
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import REFERENCE
+from experiments.text.config import TextConfig
 
 ROOT = storage.ROOT
 NOTEBOOKS = {"mlp": ROOT / "lora_from_scratch.ipynb", "transformer": ROOT / "lora_transformer.ipynb",
              "text": ROOT / "lora_text.ipynb"}
-MODELS = list(NOTEBOOKS)
+EXPERIMENTS = list(NOTEBOOKS)
 DEFAULTS = {"mlp": Config(), "transformer": Config.transformer(), "text": TextConfig()}
 QUICK = {"mlp": Config.quick(), "transformer": Config.quick("transformer"), "text": TextConfig.quick()}
 
@@ -29,59 +28,57 @@ def code_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_the_notebook_runs_top_to_bottom_in_quick_mode(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_notebook_runs_top_to_bottom_in_quick_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_QUICK", "1")
     monkeypatch.setenv("LORA_OUT_DIR", str(tmp_path))
     monkeypatch.setenv("LORA_DEVICE", "cpu")
-    nb = nbformat.read(NOTEBOOKS[model], as_version=4)
+    nb = nbformat.read(NOTEBOOKS[name], as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    out = storage.Outputs(model, tmp_path)
+    out = storage.Outputs(name, tmp_path)
     for path in out.all():
         assert path.is_file(), path
-    assert json.loads(out.config.read_text())["config"]["seeds"] == QUICK[model].seeds
+    assert json.loads(out.config.read_text())["config"]["seeds"] == QUICK[name].seeds
     assert [c.execution_count for c in code_cells(nb)] == list(range(1, len(code_cells(nb)) + 1))
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_errors(model):
-    cells = code_cells(nbformat.read(NOTEBOOKS[model], as_version=4))
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_errors(name):
+    cells = code_cells(nbformat.read(NOTEBOOKS[name], as_version=4))
     assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
     config_cell = next(c for c in cells if "LORA_QUICK" in c.source)  # and it ran the default config:
     shown = next(o for o in config_cell.outputs if o.output_type == "execute_result")  # after the device line
-    assert shown.data["text/plain"] == repr(DEFAULTS[model])
+    assert shown.data["text/plain"] == repr(DEFAULTS[name])
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_results_csv_is_the_summary_of_the_per_seed_rows(model):
-    cfg, out = DEFAULTS[model], storage.Outputs(model)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_results_csv_is_the_summary_of_the_per_seed_rows(name):
+    cfg, out = DEFAULTS[name], storage.Outputs(name)
     per_seed = storage.with_int_columns(pd.read_csv(out.per_seed))
     config = json.loads(out.config.read_text())["config"]
     assert type(cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
-    summarize = text_report.summarize if model == "text" else report.summarize
-    pd.testing.assert_frame_equal(summarize(per_seed, cfg), storage.load_results(out), rtol=1e-5, check_dtype=False)
-    command = "python text_experiment.py all" if model == "text" else experiment.tune_command(cfg)
-    assert storage.load_learning_rates(out, cfg.tuning_fields(), command) == dict(zip(per_seed.method, per_seed.lr))
+    exp = make_experiment(name, torch.device("cpu"))
+    pd.testing.assert_frame_equal(exp.summarize(per_seed), storage.load_results(out), rtol=1e-5, check_dtype=False)
+    lrs = storage.load_learning_rates(out, protocol.tuning_fields(cfg), exp.tune_command())
+    assert lrs == dict(zip(per_seed.method, per_seed.lr))
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_the_notebook_prints_the_numbers_of_its_results_csv(model):
-    cells = code_cells(nbformat.read(NOTEBOOKS[model], as_version=4))
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_notebook_prints_the_numbers_of_its_results_csv(name):
+    cells = code_cells(nbformat.read(NOTEBOOKS[name], as_version=4))
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/html", "") for c in cells for o in c.outputs)
-    mean, std = ("acc_mean", "acc_std") if model == "text" else ("acc_B_mean", "acc_B_std")
-    for _, r in storage.load_results(storage.Outputs(model)).iterrows():
+    mean, std = ("test_acc_mean", "test_acc_std") if name == "text" else ("acc_B_mean", "acc_B_std")
+    for _, r in storage.load_results(storage.Outputs(name)).iterrows():
         assert f"{r[mean]:.4f} ± {r[std]:.4f}" in text, r["method"]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_the_readme_tables_are_the_results_csvs(model):
-    out = storage.Outputs(model)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_readme_tables_are_the_results_csvs(name):
+    out = storage.Outputs(name)
     results, config = storage.load_results(out), json.loads(out.config.read_text())
-    if model == "text":
-        (start, end), table = text_report.MARKERS, text_report.markdown_table(results, config)
-    else:
-        (start, end), table = report.readme_markers(model), report.markdown_table(results, config)
+    table = make_experiment(name, torch.device("cpu")).readme_block(results, config)
+    start, end = report.readme_markers(name)
     assert f"{start}\n{table}\n{end}" in (ROOT / "README.md").read_text()
 
 
@@ -90,7 +87,8 @@ def test_every_file_and_make_target_the_readme_names_exists():
     paths = set(re.findall(r"`([\w./-]+\.(?:py|ipynb|csv|json|png|md))`", readme))
     paths |= set(re.findall(r"\]\(([\w./-]+\.(?:py|ipynb|csv|json|png|md))\)", readme))  # links and images
     assert {"lora.py", "results.csv", "parameters_vs_accuracy.png"} <= paths
-    missing = sorted(p for p in paths if not any((ROOT / d / p).exists() for d in (".", "bench", "tests")))
+    missing = sorted(p for p in paths if not any((ROOT / d / p).exists() for d in (".", "bench", "tests", "experiments",
+                                                                      "experiments/mnist", "experiments/text")))
     assert not missing, f"README names files that do not exist: {missing}"
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     commands = set(re.findall(r"^make (\w+)", readme, re.M))
@@ -101,8 +99,10 @@ def test_the_readme_prose_on_the_text_experiment_matches_its_results():
     results = storage.load_results(storage.Outputs("text")).set_index("method")
     majority = json.loads(storage.Outputs("text").config.read_text())["data"]["majority"]
     head, full = results.loc["head"], results.loc["full"]
-    assert head.acc_ci_low <= majority <= head.acc_ci_high + 0.005  # "no better than always answering positive"
-    assert round(100 * (full.acc_mean - head.acc_mean)) == 9  # "adds about 9 points"
+    per_seed = pd.read_csv(storage.Outputs("text").per_seed)
+    _, low, high = stats.mean_ci(per_seed[per_seed.method == "head"].test_acc)
+    assert low <= majority <= high + 0.005  # "no better than always answering positive"
+    assert round(100 * (full.test_acc_mean - head.test_acc_mean)) == 9  # "adds about 9 points"
     qv = results[results.targets == "qv"]
     assert list(qv["rank"]) == [1, 2, 4, 8, 16] and (qv.diff_vs_full.abs() < 0.02).all()  # "within 2 points"
     assert (100 * qv.trainable_params / full.trainable_params).max() < 0.7  # "at most 0.7%"
@@ -169,10 +169,10 @@ def test_the_bench_readme_quotes_bench_results():
 
 def test_every_lora_run_used_alpha_equal_to_r():
     """The README: "The experiments use alpha = r (scaling 1)"."""
-    for model in MODELS:
-        results = storage.load_results(storage.Outputs(model))
+    for name in EXPERIMENTS:
+        results = storage.load_results(storage.Outputs(name))
         lora = results[results["rank"].notna()]
-        assert len(lora) and (lora.alpha == lora["rank"]).all(), model
+        assert len(lora) and (lora.alpha == lora["rank"]).all(), name
 
 
 def test_the_readme_speed_summary_quotes_bench_results():
@@ -191,7 +191,7 @@ def test_the_readme_speed_summary_quotes_bench_results():
 def test_the_readme_prose_on_the_reference_notebook_matches_its_table_and_ours():
     readme = " ".join((ROOT / "README.md").read_text().split())
     ours = storage.load_results(storage.Outputs("mlp")).set_index("method").acc_B_mean
-    ref = {r: acc for r, (_, acc) in report.REFERENCE.items() if r != "full"}
+    ref = {r: acc for r, (_, acc) in REFERENCE.items() if r != "full"}
     quoted = f"({ours['lora_r1']:.3f} and {ours['lora_r2']:.3f} against its {ref[1]:.3f} and {ref[2]:.3f})"
     assert quoted == "(0.904 and 0.942 against its 0.875 and 0.931)" and quoted in readme
     assert all(abs(ours[f"lora_r{r}"] - acc) < 0.005 for r, acc in ref.items() if r >= 4)  # "within half a point"

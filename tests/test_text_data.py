@@ -1,4 +1,4 @@
-"""text_data.py and text_model.py: MiniLM and the drug reviews offline, verified, never half-written (issue 9)."""
+"""experiments/text/data.py and model.py: MiniLM and the drug reviews offline, verified, never half-written."""
 
 import copy
 import dataclasses
@@ -12,10 +12,10 @@ import safetensors.torch
 import torch
 
 import lora
-import text_data
-import text_model
-from data import DataError, sha256
-from text_data import DRUG_REVIEWS, MINILM
+from experiments.storage import DataError, sha256
+from experiments.text import data as text_data
+from experiments.text import model as text_model
+from experiments.text.data import DRUG_REVIEWS, MINILM
 
 
 def files_in(root):

@@ -1,4 +1,5 @@
-"""The stacked trainer (trainer.py) against the plain loop (plain_loop.py): same weights after training."""
+"""The stacked trainer (experiments/trainer.py) against the plain loop (experiments/plain_loop.py): same weights
+after training."""
 
 import copy
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 import lora
-from models import make_mlp
-from plain_loop import plain_fit
-from trainer import fit, stack
+from experiments.mnist.models import make_mlp
+from experiments.plain_loop import plain_fit
+from experiments.trainer import fit, stack
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LoRA on transformers (issue 5): the paper's RoBERTa-base count, and the small transformer of transformer.py."""
+"""LoRA on transformers: the paper's RoBERTa-base count, and the row transformer of the MNIST experiment."""
 
 import dataclasses
 import warnings
@@ -6,14 +6,13 @@ import warnings
 import pytest
 import torch
 
-import experiment
 import lora
-import report
-import runs
-import storage
-from config import Config, Method
-from models import add_adapter
-from transformer import TARGET_SETS, RowTransformer
+from experiments import storage
+from experiments.methods import Method
+from experiments.mnist.config import Config
+from experiments.mnist.experiment import MnistExperiment
+from experiments.mnist.models import add_adapter
+from experiments.mnist.row_transformer import TARGET_SETS, RowTransformer
 
 CPU = torch.device("cpu")
 
@@ -105,14 +104,9 @@ def test_the_transformer_config_refuses_target_sets_of_another_model():
         dataclasses.replace(Config(), model="cnn")
 
 
-def test_the_transformer_pipeline_runs_on_the_quick_config(tmp_path):
-    cfg, out = Config.quick("transformer"), storage.Outputs("transformer", tmp_path)
-    grid, chosen = runs.tune(cfg, CPU, cache_dir=tmp_path / "runs", progress=False)
-    storage.save_learning_rates(out, cfg.tuning_fields(), grid, chosen)
-    lrs = storage.load_learning_rates(out, cfg.tuning_fields(), experiment.tune_command(cfg))
-    per_seed = runs.run_sweep(cfg, lrs, CPU, cache_dir=tmp_path / "runs", progress=False)
-    results = report.summarize(per_seed, cfg)
-    storage.save_results(out, cfg, per_seed, results, report.plot(results, cfg), CPU, 1.0)
+def test_the_transformer_pipeline_runs_on_the_quick_config(tmp_path, run_pipeline):
+    out = storage.Outputs("transformer", tmp_path)
+    _, _, per_seed, results = run_pipeline(MnistExperiment(Config.quick("transformer"), CPU), out)
     assert list(results.method) == ["full", "lora_qv_r2", "lora_qkvo_r2", "lora_all_r2"]
     assert list(results.trainable_params) == [19_141, 2 * 256 + 165, 2 * 512 + 165, 2 * 956 + 165]
     assert (per_seed.loss_last_epoch < per_seed.loss_first_epoch).all()

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from config import Method, check_positive_int, check_ranks_and_grid, tuning_fields
+from ..methods import Method, check_positive_int, check_ranks_and_grid
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,3 @@ class TextConfig:
         """The linear probe, full finetuning, LoRA on Wq, Wv at every rank, then the two wider target sets."""
         return ([Method("head"), Method("full")] + [Method("lora", r, "qv") for r in self.ranks]
                 + [Method("lora", self.wide_rank, t) for t in ("qkvo", "all")])
-
-    def tuning_fields(self) -> dict:
-        return tuning_fields(self)

@@ -3,10 +3,13 @@
 import torch.nn as nn
 
 import lora
-import transformer
 
-MODELS = ("mlp", "transformer")
-TARGET_SET_NAMES = ("all", "qv", "qkvo")  # every target set of every model, in a fixed order (see Method.dropout_seed)
+from ..methods import Method
+from . import row_transformer
+
+MODELS = ("mlp", "transformer")  # the values of Config.model
+# Each model's target sets: a key of methods.TARGET_SETS -> add_lora's name patterns (None: every nn.Linear).
+TARGET_SETS = {"mlp": {"all": None}, "transformer": row_transformer.TARGET_SETS}
 
 
 def make_mlp(dropout: float = 0.1) -> nn.Sequential:
@@ -16,21 +19,17 @@ def make_mlp(dropout: float = 0.1) -> nn.Sequential:
                          nn.Linear(64, 5))
 
 
-def make_model(model: str, dropout: float) -> nn.Module:
-    return make_mlp(dropout) if model == "mlp" else transformer.RowTransformer()
+def make_model(name: str, dropout: float) -> nn.Module:
+    """A fresh model: name is Config.model, "mlp" or "transformer"."""
+    return make_mlp(dropout) if name == "mlp" else row_transformer.RowTransformer()
 
 
-def target_sets(model: str) -> dict[str, list[str] | None]:
-    """LoRA target sets as add_lora takes them: the MLP's one set is every nn.Linear (None)."""
-    return {"all": None} if model == "mlp" else transformer.TARGET_SETS
-
-
-def add_adapter(model: nn.Module, method) -> None:
+def add_adapter(model: nn.Module, method: Method) -> None:
     """LoRA or DoRA as `method` says (its rank on its target set; alpha = r: scaling 1, each rank at its own tuned lr),
     and only what it trains left trainable: the adapters, and the transformer's classifier head in full."""
-    is_transformer = isinstance(model, transformer.RowTransformer)
-    targets = target_sets("transformer" if is_transformer else "mlp")[method.targets]
-    lora.add_lora(model, r=method.rank, targets=targets, use_dora=method.dora)
+    is_transformer = isinstance(model, row_transformer.RowTransformer)
+    patterns = TARGET_SETS["transformer" if is_transformer else "mlp"][method.target_set]
+    lora.add_lora(model, r=method.rank, targets=patterns, use_dora=method.dora)
     lora.mark_only_lora_as_trainable(model)
     if is_transformer:
         model.head.requires_grad_(True)

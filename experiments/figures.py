@@ -1,0 +1,108 @@
+"""The figure of any experiment: trainable parameters against test accuracy, and each method's paired
+difference to full finetuning."""
+
+import math
+from collections.abc import Callable
+
+import matplotlib.ticker
+import pandas as pd
+from matplotlib.figure import Figure  # not pyplot: no global figure state, no second copy shown in notebooks
+
+from .methods import TARGET_SET_LABELS
+from .report import accuracy_column, method_label
+
+COLORS = ("tab:blue", "tab:orange", "tab:purple")  # one per LoRA series; the linear probe is red
+
+
+def full_band(ax, full, mean: str, std: str) -> None:
+    """Full finetuning as a line at its mean and a band of ± std; its legend entry explains every error bar."""
+    ax.axhspan(full[mean] - full[std], full[mean] + full[std], color="tab:green", alpha=0.2, lw=0)
+    ax.axhline(full[mean], color="tab:green", lw=1.5, label=f"full finetuning, {int(full['trainable_params']):,} "
+               f"params\n(line: mean; band and every error bar: ± std over {int(full['seeds'])} seeds)")
+
+
+def log_params_axis(ax) -> None:
+    """A log x axis of trainable parameters, labelled 1,000 and, smaller, 2,000 and 5,000."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    leading = lambda v: round(v / 10 ** math.floor(math.log10(v)))  # 2 for 2,000, 5 for 500, ...
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:,.0f}" if v > 0 and leading(v) in (2, 5) else ""))  # 2x and 5x ticks only
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str]) -> None:
+    """Each row's paired difference to full finetuning in points with its 95% interval, the first row on top."""
+    y = range(len(rows), 0, -1)
+    diff, low, high = (100 * rows[c].to_numpy() for c in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high"))
+    for yi, d, lo, hi, color in zip(y, diff, low, high, colors):
+        ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="tab:green", lw=1.5)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.set_xlabel("test accuracy − full finetuning's, same seed (points)")
+    ax.set_title("paired difference to full finetuning, 95% interval", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def side_by_side(xs: list[pd.Series], step: float = 1.08) -> list[list[float]]:
+    """Where to draw each series' points on a log x axis: points of different series whose parameter counts lie
+    within 8% of each other are spread `step` apart around their geometric mean, so that no error bar hides
+    another; every other point stays at its own count."""
+    out = [list(map(float, x)) for x in xs]
+    group = []
+    for x, s, i in sorted((x, s, i) for s, xi in enumerate(out) for i, x in enumerate(xi)) + [(math.inf, 0, 0)]:
+        if group and x > 1.08 * group[-1][0]:
+            center = math.prod(g[0] for g in group) ** (1 / len(group))
+            for k, (_, gs, gi) in enumerate(group):
+                out[gs][gi] = center * step ** (k - (len(group) - 1) / 2)
+            group = []
+        group.append((x, s, i))
+    return out
+
+
+def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None = None) -> Figure:
+    """Left: trainable parameters (log x) against test accuracy, one line per LoRA (or DoRA) target set, the
+    linear probe as a point, full finetuning as a band; extra(ax) adds an experiment's own lines. Right: each
+    method's paired difference to full finetuning. Returns the matplotlib Figure."""
+    acc = accuracy_column(results)
+    fig = Figure(figsize=(12, 5.2), dpi=120)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    full = results.set_index("method").loc["full"]
+    full_band(ax, full, f"{acc}_mean", f"{acc}_std")
+    head = results[results["method"] == "head"]
+    for _, r in head.iterrows():
+        ax.errorbar([r["trainable_params"]], [r[f"{acc}_mean"]], yerr=[r[f"{acc}_std"]], fmt="s", color="tab:red",
+                    capsize=3, label=f"linear probe (head only), {int(r['trainable_params']):,} params")
+    lora_rows = results[~results["method"].isin(["full", "head"])]
+    one_target_set = lora_rows["targets"].nunique() == 1  # then every series has its points at the same ranks
+    series = list(lora_rows.groupby(["dora", "targets"], sort=False))
+    xs = side_by_side([rows["trainable_params"] for _, rows in series])
+    colors = dict(zip((key for key, _ in series), COLORS))
+    for ((dora, targets), rows), x in zip(series, xs):
+        # Ranks go on a top axis (one target set) or in the legend: written beside the points, they collide.
+        ranks = "" if one_target_set else ", r = " + ", ".join(str(r) for r in rows["rank"]) + (
+            " (left to right)" if len(rows) > 1 else "")
+        ax.errorbar(x, rows[f"{acc}_mean"], yerr=rows[f"{acc}_std"], fmt="o-" if len(rows) > 1 else "D",
+                    color=colors[dora, targets], capsize=3,
+                    label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
+    if extra is not None:
+        extra(ax)
+    log_params_axis(ax)
+    ax.margins(x=0.08)
+    if one_target_set:
+        first = lora_rows.drop_duplicates("rank")  # LoRA's counts, where DoRA's are a little higher
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(first["trainable_params"], [str(r) for r in first["rank"]], minor=False)
+        top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        top.set_xlabel("rank r")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="lower right", fontsize=8)
+
+    others = results[results["method"] != "full"]
+    difference_panel(bx, others, [method_label(r, not one_target_set) for _, r in others.iterrows()],
+                     [colors.get((r["dora"], r["targets"]), "tab:red") for _, r in others.iterrows()])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,53 @@
+"""One model at a time, batch by batch: the plainest training loop. The text runs train with it, the tests use it
+as an independent reference for the stacked trainer, and bench/reference_loop.py as the baseline."""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # what the model takes: x, or (input_ids, attention_mask), ...
+
+
+def select_rows(x: Inputs, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows `idx` of every input tensor."""
+    return tuple(t[idx] for t in (x if isinstance(x, tuple) else (x,)))
+
+
+def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float, epochs: int, batch_size: int,
+              select: Callable[[Inputs, torch.Tensor], tuple[torch.Tensor, ...]] = select_rows,
+              amp_dtype: torch.dtype | None = None, fused: bool = False) -> list[float]:
+    """Adam with a cosine schedule over the trainable parameters; the same data order as trainer.fit for `seed`
+    (the last partial batch is dropped). Returns the training loss of every step.
+
+    select(x, idx): a batch's inputs (default: the rows idx of each tensor; the text runs also trim padding).
+    amp_dtype: autocast the forward pass to it (bf16 on a GPU); weights and Adam's state stay float32.
+    fused: torch's fused Adam kernel.
+    """
+    n = len(y)
+    steps = n // batch_size
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused or None)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(y.device)
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            with torch.autocast(y.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(*select(x, idx)).float()  # (B, classes)
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(loss.detach())  # kept on the device: no sync per step
+    return torch.stack(losses).tolist()
+
+
+@torch.no_grad()
+def plain_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return (model(x).argmax(-1) == y).float().mean().item()
