@@ -52,6 +52,17 @@ def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_err
     assert shown.data["text/plain"] == repr(DEFAULTS[name])
 
 
+def test_the_mlp_notebook_builds_lora_and_trains_it_by_hand_before_the_learning_rate_search():
+    """The layer is written in a cell, asserted against lora.LoRALinear and trained by a loop written in a cell,
+    all before the search; no cell shows library code by inspect.getsource."""
+    cells = nbformat.read(NOTEBOOKS["mlp"], as_version=4).cells
+    first = lambda text: next(i for i, c in enumerate(cells) if text in c.source)
+    built, checked = first("class LoRALinearByHand(nn.Module)"), first("assert torch.allclose(ours(x), theirs(x)")
+    trained, search = first("lora_losses = fit(model"), first("## Learning rates, chosen on validation")
+    assert built < checked < first("def fit(") < trained < search
+    assert not any("inspect.getsource" in c.source for c in cells)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_results_csv_is_the_summary_of_the_per_seed_rows(name):
     cfg, out = DEFAULTS[name], storage.Outputs(name)
