@@ -183,11 +183,10 @@ def test_float16_transfer_copy_gives_the_same_embeddings_within_5e_3(prepared, m
     with torch.no_grad():
         e32, e16 = model.embed(ids, mask), half.embed(ids, mask)
     # float16 keeps 11 significant bits, so each weight moves by at most 2^-12 of itself (measured: 4.5e-4 of each
-    # tensor's largest entry). Measured through the 6 layers: on these 8 reviews at 128 tokens, max abs difference
-    # 5.2e-4 (entries up to 0.42), relative L2 error 1.1e-3; on the 889 drug reviews at 256 tokens, 1.6e-3 (entries
-    # up to 1.28), 1.4e-3 relative, cosine >= 0.999999. The tolerance, 5e-3 both ways, is about 10 float16 roundoffs
-    # and 3x the worst case measured, while a wrong tensor fails it by far: zeroing layer 3's value bias moves
-    # these embeddings by 2.6e-2 (5.7e-2 relative), a transposed Wq in layer 5 by 0.32 (0.69 relative).
+    # tensor's largest entry). Measured through the 6 layers on 889 other reviews at 256 tokens: max abs difference
+    # 1.6e-3 (entries up to 1.28), 1.4e-3 relative L2 error, cosine >= 0.999999. The tolerance, 5e-3 both ways, is
+    # about 10 float16 roundoffs and 3x the worst case measured there, while a wrong tensor fails it by far: zeroing
+    # layer 3's value bias moved those embeddings by 2.6e-2 (5.7e-2 relative), a transposed Wq in layer 5 by 0.32.
     torch.testing.assert_close(e16, e32, atol=5e-3, rtol=0)
     assert ((e16 - e32).norm(dim=1) / e32.norm(dim=1)).max() < 5e-3
 
