@@ -30,10 +30,10 @@ def float32_setup():
 @pytest.fixture
 def setup_without_dropout(float32_setup):
     """The tiny setup in float64, dropout off. Adam's first update is lr * g / (|g| + eps), whose slope where |g| is
-    near eps = 1e-8 is lr / (4 eps): it magnifies rounding in the gradient 25,000-fold at lr = 1e-3. In float32,
-    stacked and one-at-a-time training then differ by up to 3e-5; in float64 by at most 6e-7 (both measured, the
-    largest in full finetuning's word embeddings). A wrong batch or learning rate moves a weight by about one step,
-    1e-3: 1,000 times the tolerance."""
+    near eps = 1e-8 is lr / (4 eps): it magnifies tiny differences in the gradient 25,000-fold at lr = 1e-3, and
+    once weights differ, later gradients differ. Measured after 8 steps: LoRA and the probe within 2e-8; full
+    finetuning within 1.1e-6 everywhere but in the word embeddings' rarely seen rows, 7.3e-5 at lr 3e-3 (2.4% of one
+    step). A wrong batch, seed or learning rate moves a weight by about one step: lr."""
     torch.set_default_dtype(torch.float64)  # the new heads and LoRA's A and B follow it
     try:
         yield dataclasses.replace(float32_setup, encoder=copy.deepcopy(float32_setup.encoder).double())
@@ -100,7 +100,8 @@ def test_stacked_training_equals_one_model_at_a_time_without_dropout(setup_witho
             if p.requires_grad:
                 key = f"head.{name}" if method.kind == "head" else name
                 assert p.dtype == torch.float64
-                torch.testing.assert_close(p[i].detach(), reference[key], rtol=1e-6, atol=1e-6, msg=f"{name}, {i}")
+                atol = 0.05 * lr if name.endswith("word_embeddings.weight") else 5e-6
+                torch.testing.assert_close(p[i].detach(), reference[key], rtol=1e-6, atol=atol)
     assert any(p.requires_grad for p in params.values())
 
 
