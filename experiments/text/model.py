@@ -41,13 +41,16 @@ TARGET_SETS = {
 }
 
 
-def load_encoder(folder: Path) -> BertModel:
+def load_encoder(folder: Path, dropout: bool = True) -> BertModel:
     """BertModel from folder's config.json, no pooler, every tensor from model.safetensors upcast to float32.
+    dropout=False sets the config's dropout probabilities to 0 (the tests compare trainings without it).
 
     Raises DataError if the file lacks a tensor, has one it should not, or a shape differs. In eval mode.
     """
     folder = Path(folder)
     config = BertConfig.from_json_file(folder / "config.json")
+    if not dropout:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     encoder = BertModel(config, add_pooling_layer=False).to(torch.float32)
     stored = safetensors.torch.load_file(folder / WEIGHTS)
     expected = encoder.state_dict()

@@ -1,0 +1,116 @@
+"""The text experiment's report across tasks: results/text.csv (one row per task and method), the README's table
+laid out like the paper's Table 2 (one row per method, one column group per task), and its verdicts, every
+sentence generated from the numbers."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .. import report
+from ..storage import ROOT, Outputs, atomic_write
+from .config import TASKS
+
+TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "imdb": "IMDB"}
+COLUMNS = {"method": "method", "rank": "rank", "targets": "targets", "trainable_params": "trainable_params",
+           "test_acc_mean": "acc_mean", "test_acc_std": "acc_std", "seeds": "seeds", "diff_vs_full": "diff_vs_full",
+           "diff_vs_full_low": "diff_vs_full_low", "diff_vs_full_high": "diff_vs_full_high", "lr": "lr",
+           "epochs": "epochs", "max_len": "max_len"}
+
+
+def tasks_done(root: Path = ROOT) -> list[str]:
+    return [t for t in TASKS if Outputs(f"text_{t}", root).summary.is_file()]
+
+
+def combine(root: Path = ROOT) -> pd.DataFrame:
+    """results/text.csv from every task's summary: one row per task and method, accuracy as acc_mean, acc_std."""
+    frames = [pd.read_csv(Outputs(f"text_{t}", root).summary).rename(columns=COLUMNS)[list(COLUMNS.values())]
+              .assign(task=t) for t in tasks_done(root)]
+    table = pd.concat(frames)[["task", *COLUMNS.values()]].astype({"rank": "Int64"})
+    atomic_write(Path(root) / "results" / "text.csv", table.to_csv(index=False, float_format="%.6g").encode())
+    return table
+
+
+def load(root: Path = ROOT) -> pd.DataFrame:
+    """results/text.csv as combine() wrote it (ranks as ints)."""
+    return pd.read_csv(Path(root) / "results" / "text.csv", dtype={"rank": "Int64"})
+
+
+def training_time(root: Path = ROOT) -> str:
+    """"123 s on NVIDIA H200 (Rotten Tomatoes 45 s, IMDB 78 s)": search and sweep, from the config files."""
+    parts = {}
+    for t in tasks_done(root):
+        c = json.loads(Outputs(f"text_{t}", root).config.read_text())
+        parts[t] = (c["tune_seconds"] + c["sweep_seconds"], c["environment"]["device_name"])
+    if not parts:
+        return ""
+    each = ", ".join(f"{TASK_LABELS[t]} {s:.0f} s" for t, (s, _) in parts.items())
+    return f"{sum(s for s, _ in parts.values()):.0f} s on {next(iter(parts.values()))[1]} ({each})"
+
+
+def table2(combined: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, per task its accuracy (mean ± std) and its paired difference to full finetuning."""
+    cells = {}
+    for task, rows in combined.groupby("task", sort=False):
+        rows = rows.set_index("method")
+        cells.setdefault("method", [report.method_label(r | {"method": m}) for m, r in
+                                    rows.to_dict("index").items()])
+        cells.setdefault("trainable params", rows["trainable_params"].map("{:,}".format).tolist())
+        label = TASK_LABELS[task]
+        cells[f"{label}: accuracy"] = [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(rows.acc_mean, rows.acc_std)]
+        cells[f"{label}: − full, points (95% interval)"] = [
+            report.interval(*v) or "—" for v in zip(rows.diff_vs_full, rows.diff_vs_full_low, rows.diff_vs_full_high)]
+    return pd.DataFrame(cells)
+
+
+def verdicts(combined: pd.DataFrame) -> str:
+    """Per task, which methods the paired 95% intervals put below, above, or not distinguishable from full
+    finetuning, and how many comparisons that rests on."""
+    lines = []
+    for task, rows in combined.groupby("task", sort=False):
+        others = rows[rows.method != "full"]
+        groups = {}
+        for _, r in others.iterrows():
+            groups.setdefault(report.verdict(r.diff_vs_full_low, r.diff_vs_full_high), []).append(
+                report.method_label(r))
+        said = "; ".join(f"{v} full finetuning: {', '.join(ms)}" for v, ms in groups.items())
+        qv = rows[rows.targets == "qv"]
+        holds = [f"r={r['rank']}" for _, r in qv.iterrows() if r.diff_vs_full_high >= 0]
+        claim = (f"the paper's claim (LoRA on Wq, Wv no worse than full finetuning) holds at {', '.join(holds)}"
+                 if holds else "the paper's claim (LoRA on Wq, Wv no worse than full finetuning) holds at no rank")
+        lora_rows = rows[rows.targets.notna()]
+        close = lora_rows.loc[lora_rows.diff_vs_full.idxmax()]
+        lines.append(f"- **{TASK_LABELS[task]}** ({len(others)} comparisons, each its own 95% interval over "
+                     f"{int(rows.seeds.min())} paired seeds, uncorrected): {said}. Here {claim}; the closest LoRA "
+                     f"is {report.method_label(close)}, "
+                     f"{report.interval(close.diff_vs_full, close.diff_vs_full_low, close.diff_vs_full_high)} points.")
+    return "\n".join(lines)
+
+
+def grid_edges(combined: pd.DataFrame, root: Path = ROOT) -> str:
+    """Which methods took the smallest or largest learning rate of their grid: their search may have stopped short."""
+    parts = []
+    for task, rows in combined.groupby("task", sort=False):
+        grid = json.loads(Outputs(f"text_{task}", root).learning_rates.read_text())["config"]["lr_grid"]
+        edge = rows[rows.lr.isin([min(grid), max(grid)])]
+        if len(edge):
+            parts.append(f"{TASK_LABELS[task]}: " + ", ".join(f"{report.method_label(r)} at {r.lr:g}"
+                                                             for _, r in edge.iterrows()))
+    if not parts:
+        return "Every chosen learning rate lies inside its grid."
+    return ("Chosen at an end of the grid, so a wider search might move them: " + "; ".join(parts) + ".")
+
+
+def readme_block(root: Path = ROOT) -> str:
+    """The README's text results: the Table-2 layout, what produced it, and the verdicts."""
+    combined = load(root)
+    notes = []
+    for t in tasks_done(root):
+        c = json.loads(Outputs(f"text_{t}", root).config.read_text())
+        d, cfg = c["data"], c["config"]
+        notes.append(f"{TASK_LABELS[t]}: {d['train']['reviews']:,} training, {d['val']['reviews']:,} validation and "
+                     f"{d['test']['reviews']:,} test reviews, {cfg['max_len']} tokens, {cfg['epochs']} epoch{'s' * (cfg['epochs'] > 1)} at "
+                     f"batch size {cfg['batch_size']}")
+    return (report.markdown(table2(combined)) + "\n\nAccuracy in percent, mean ± std over seeds; the difference "
+            "to full finetuning is paired by seed. " + "; ".join(notes) + ". Training (search and sweep): "
+            f"{training_time(root)}. {grid_edges(combined, root)}\n\n" + verdicts(combined))
