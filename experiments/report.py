@@ -142,3 +142,63 @@ def replace_readme_block(readme: Path, markers: tuple[str, str], block: str) -> 
     head, rest = text.split(start)
     _, tail = rest.split(end)
     atomic_write(readme, (head + f"{start}\n{block}\n{end}" + tail).encode())
+
+
+def _ranks(ranks) -> str:
+    """"rank 4", "ranks 1, 2 and 4", or "no rank"."""
+    ranks = [str(int(r)) for r in ranks]
+    if len(ranks) < 2:
+        return f"rank {ranks[0]}" if ranks else "no rank"
+    return "ranks " + ", ".join(ranks[:-1]) + " and " + ranks[-1]
+
+
+def _against(rows: pd.DataFrame, diff: str, baseline: str) -> str:
+    """"below <baseline> at ranks 1 and 2, not distinguishable from it at rank 4": each rank's verdict from the
+    95% interval of its paired difference, grouped."""
+    groups = {}
+    for _, r in rows.iterrows():
+        groups.setdefault(verdict(r[f"{diff}_low"], r[f"{diff}_high"]), []).append(r["rank"])
+    parts = [f"{v} {baseline if i == 0 else 'it'} at {_ranks(ranks)}" for i, (v, ranks) in enumerate(groups.items())]
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
+def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
+    """The sentences that state what an MNIST table shows, generated from it so that they hold for whatever a
+    run produces: each series' verdicts against full finetuning, the smallest rank whose whole interval lies
+    within one point of it, where the curve flattens, and DoRA against LoRA. Each verdict is one uncorrected
+    95% interval; the count of comparisons says how much a pattern rests on."""
+    acc = accuracy_column(results)
+    full = results.set_index("method").loc["full"]
+    lora = results[results["method"] != "full"]
+    dora = lora[lora["dora"].astype(bool)]
+    n = int(full["seeds"])
+    out = [f"Paired over {n} seeds ({len(lora)} comparisons with full finetuning, each a 95% interval, "
+           f"uncorrected; full finetuning: {full[f'{acc}_mean']:.4f}):"]
+    for (target_set, is_dora), rows in lora.groupby(["targets", "dora"], sort=False):
+        name = method_label(rows.iloc[0], show_targets).rsplit(" r=", 1)[0].rstrip(",")
+        s = f"{name} is {_against(rows, 'diff_vs_full', 'full finetuning')}."
+        close = rows[rows["diff_vs_full_low"] > -0.01]
+        if len(close):
+            c = close.iloc[0]
+            s += (f" The smallest rank whose whole interval lies within one point of full finetuning is "
+                  f"{int(c['rank'])} ({c['pct_params_vs_full']:.0f}% of its parameters, "
+                  f"{interval(c['diff_vs_full'], c['diff_vs_full_low'], c['diff_vs_full_high'])} points).")
+        else:
+            s += " At no rank does the whole interval lie within one point of full finetuning."
+        gap = rows[f"{acc}_mean"].max() - rows[f"{acc}_mean"]  # below the series' best mean
+        flat_from = min(k for k in rows["rank"] if (gap[rows["rank"] >= k] <= 0.0025).all())
+        flat = rows[rows["rank"] >= flat_from]
+        if len(flat) > 1:
+            s += (f" From rank {int(flat_from)} on its means lie within a quarter point of its best "
+                  f"({flat[f'{acc}_mean'].min():.4f} to {flat[f'{acc}_mean'].max():.4f}).")
+        out.append(s)
+    if len(dora):
+        decided = dora[(dora["diff_vs_lora_low"] > 0) | (dora["diff_vs_lora_high"] < 0)]
+        out.append(f"DoRA against LoRA at the same rank ({len(dora)} paired comparisons): DoRA is "
+                   f"{_against(dora, 'diff_vs_lora', 'LoRA')}"
+                   + (" (" + "; ".join(f"r={int(r['rank'])}: " + interval(r['diff_vs_lora'], r['diff_vs_lora_low'],
+                                                                          r['diff_vs_lora_high'])
+                                      for _, r in decided.iterrows()) + " points)" if len(decided) else "")
+                   + f". Were the two equal, at least one of {len(dora)} independent 95% intervals would exclude "
+                   f"zero by chance {100 * (1 - 0.95 ** len(dora)):.0f}% of the time.")
+    return " ".join(out)

@@ -162,7 +162,8 @@ class MnistExperiment(Experiment):
             f"batch size {c['batch_size']} with Adam and a cosine schedule, after {c['pretrain_epochs']} epochs of "
             f"pretraining on 0-4, which reach {results['acc_A_pretrained_mean'].iloc[0]:.3f} on the 0-4 test set "
             f"(mean over seeds). The sweep took {config['sweep_seconds']:.0f} s on {env['device']} "
-            f"({env['device_name']}, {env['cpu_threads']} threads), torch {env['torch']}.")
+            f"({env['device_name']}, {env['cpu_threads']} threads), torch {env['torch']}.\n\n"
+            + report.findings(results, self.cfg.model != "mlp"))
 
 
 def reference_lines(ax) -> None:
