@@ -81,12 +81,15 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
         return
     if args.phase == "readme":
         results = storage.load_results(out)
-        block = exp.readme_block(results, json.loads(out.config.read_text()))
+        config = json.loads(out.config.read_text())
+        config["search_seconds"] = json.loads(out.learning_rates.read_text()).get("search_seconds")
+        block = exp.readme_block(results, config)
         report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers(exp.name), block)
         return
     if args.phase == "tune":
+        start = time.perf_counter()
         grid, chosen = protocol.tune(exp)
-        storage.save_learning_rates(out, protocol.tuning_fields(exp.cfg), grid, chosen)
+        storage.save_learning_rates(out, protocol.tuning_fields(exp.cfg), grid, chosen, time.perf_counter() - start)
         print(grid.to_string(index=False), "\nchosen:", chosen)
         return
     try:

@@ -121,9 +121,12 @@ def environment(device: torch.device) -> dict:
             "cpu_threads": torch.get_num_threads()}
 
 
-def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float]) -> None:
+def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float],
+                        seconds: float | None = None) -> None:
+    """The search's grid and choice; `seconds`, the search's time, goes into the README block beside the sweep's."""
     atomic_write(out.lr_search, grid.to_csv(index=False).encode())
-    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen})
+    timing = {} if seconds is None else {"search_seconds": round(seconds, 1)}
+    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen, **timing})
 
 
 def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) -> dict[str, float]:
