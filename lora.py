@@ -20,12 +20,15 @@ What it wraps (add_lora's `targets`; targets=None takes what PEFT's target_modul
   gradient, so the pad row stays W's. max_norm (which renormalises W's rows in place) and sparse are refused.
   Dropout does not apply to embeddings, whose input is indices (as in PEFT).
 - The linears of nn.TransformerEncoderLayer: its eval-mode fast path reads linear1/linear2's weights directly
-  and would skip the adapter, so wrapping one switches that layer's fast path off (activation_relu_or_gelu = 0):
+  and would skip the adapter, so wrapping one switches that layer's fast path off (activation_relu_or_gelu = 0,
+  and its encoder's nested-tensor path):
   the adapter counts in train, eval and no_grad alike. nn.MultiheadAttention's out_proj is refused (its parent
   reads out_proj.weight directly); targets=None leaves it alone with one warning.
 - A weight shared by several modules (a tied output layer and input embedding) is refused, naming both
   modules: merging would change both. Untie it first, or leave it out (targets=None leaves the output
   embedding out, as PEFT does).
+- Also refused: a layer with forward hooks or an instance-level forward (they would not see the adapter), a
+  weight computed by a parametrization (weight_norm, spectral_norm), and the model itself when it is a bare layer.
 - Every check runs before anything changes: a refused call leaves the model as it was.
 
 Guarantees:
@@ -39,8 +42,8 @@ Guarantees:
   r (scaling 1; PEFT's default is alpha = 8): then each rank wants its own learning rate. use_rslora=True
   scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
 - Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
-  Adam updates are not rounded away; forward returns the base's dtype, and merging forms W + ΔW in float32 and
-  rounds once into W's dtype.
+  Adam updates are not rounded away; forward adds the update to the base's output in float32 and rounds
+  once into the base's dtype, and merging forms W + ΔW in float32 and rounds once into W's dtype.
 - DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m of shape
   (out,), initialised to the row norms of W, sets the length of each output row of the adapted weight:
 
@@ -134,6 +137,14 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
         raise TypeError(f"{name} is a {cls}, a subclass of nn.{own.__name__} with its own forward (a quantized "
                         f"layer, say): its output is not what lora.py would compute from its .weight, and merging "
                         f"into that weight would not be either; {SUPPORTED} with their own forward")
+    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+             if getattr(base, h, None)] + (["an instance forward"] if "forward" in base.__dict__ else [])
+    if hooks:
+        raise TypeError(f"{name} is a {cls} with {', '.join(hooks)} (added by a library or by hand): they would "
+                        "not run on the wrapped layer's output, and would again after merge_lora; remove them first")
+    if torch.nn.utils.parametrize.is_parametrized(base):
+        raise TypeError(f"{name} is a {cls} whose weight is computed by a parametrization (weight_norm, "
+                        f"spectral_norm, ...): merging into it is not defined; {SUPPORTED} with a plain weight")
     if kind == "embedding" and (base.max_norm is not None or base.sparse):
         raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
                         "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
@@ -370,8 +381,9 @@ class LoRALinear(LoRALayer):
         x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2  # p = 0: no copy of x
         # In place below is safe: linear's backward needs its inputs, never its output.
         u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        if self.lora_A.dtype != x.dtype:  # float32 adapter on a half-precision base: add in the base's dtype
-            return self._base(x) + F.linear(u, self.lora_B).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.lora_A.dtype != x.dtype:  # float32 adapter on a half-precision base: add in float32, round once
+            delta = F.linear(u, self.lora_B).view(*x.shape[:-1], self.out_features)  # (N, r) @ (r, out)
+            return (self._base(x) + delta).to(x.dtype)
         v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
         # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
         w_t = self.weight if self.transposed else self.weight.t()  # (in, out)
@@ -386,7 +398,7 @@ class LoRALinear(LoRALayer):
         if self.lora_A.dtype == x.dtype:
             v = torch.addmm(F.linear(u, self.lora_B), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
         else:
-            v = F.linear(x2_drop, self.weight) + F.linear(u, self.lora_B).to(x.dtype)
+            v = (F.linear(x2_drop, self.weight) + F.linear(u, self.lora_B)).to(x.dtype)
         h = v * scale if self.bias is None else torch.addcmul(self.bias, v, scale)  # (N, out) ⊙ (out,) + b
         if x2_drop is not x2:  # dropout acts on the adapter's input only, as in the paper's code and PEFT:
             h = h + F.linear(x2 - x2_drop, self.weight)  # the base term keeps W x whole: + W (x - dropout(x))
@@ -432,7 +444,7 @@ class LoRAEmbedding(LoRALayer):
             return self._base(x)
         h = self._base(x)  # (..., dim)
         after_a = F.embedding(x, self.lora_A.T, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
-        return h + (after_a @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) @ (r, dim) -> (..., dim)
+        return (h + after_a @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) @ (r, dim) -> (..., dim)
 
 
 # ─── adding and freezing ──────────────────────────────────────────────────────────────────────────────────────
@@ -479,6 +491,9 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
 def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why: str = "") -> None:
     """Raise unless module `name` of the model can be wrapped so that the adapter counts and merges exactly."""
     modules = dict(model.named_modules())
+    if not name:
+        raise ValueError(f"the model itself is a {type(model).__name__}: add_lora wraps layers inside a model; "
+                         "wrap this one with LoRALinear(layer, r) (or LoRAEmbedding), or put it in an nn.Sequential")
     module, parent = modules[name], modules[name.rpartition(".")[0]]
     label = f"module {name!r}{why}"
     if isinstance(parent, nn.MultiheadAttention):
@@ -545,6 +560,9 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, *args) -> LoRALayer:
     parent = model.get_submodule(name.rpartition(".")[0])
     if isinstance(parent, nn.TransformerEncoderLayer):  # its eval fast path would read W directly, skipping us
         parent.activation_relu_or_gelu = 0  # the slow path uses parent.activation itself: same function
+        for encoder in model.modules():  # its encoder's nested-tensor path checks layers[0] only: off too
+            if isinstance(encoder, nn.TransformerEncoder) and any(m is parent for m in encoder.layers):
+                encoder.use_nested_tensor = False
     _set_submodule(model, name, layer)
     return layer
 
@@ -672,6 +690,12 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         owners = _owners(model)
         for path, got in saved.items():
             _check_target(model, path, owners, "lora_magnitude" in got, why=" (in the adapter)")
+            s = _layer_settings(got)
+            try:
+                _check_hparams(s["r"], s["alpha"], s["dropout"], "kaiming", s["use_rslora"], s["use_dora"],
+                               s["adapter_dtype"])
+            except ValueError as e:
+                raise ValueError(f"layer {path!r} of the adapter: {e}") from None
     others = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ADAPTER_NAMES + SETTINGS}
     params = model.state_dict()
     if unexpected := sorted(k for k in others if k not in params):
@@ -700,11 +724,13 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     if merged := [n for n, layer in own.items() if layer.merged]:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
 
-    if not own:  # all checks passed: now change the model
+    if not own:  # all checks passed: now change the model, and let train what trained
         for path in (n for n in modules if n in saved):
             s = _layer_settings(saved[path])
             own[path] = _wrap(model, path, modules[path], s["r"], s["alpha"], s["dropout"], "kaiming",
                               s["use_rslora"], s["use_dora"], s["adapter_dtype"])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.rpartition(".")[2] in ADAPTER_NAMES or n in others)
     for path, got in saved.items():
         for k in ADAPTER_NAMES:
             if k in got:

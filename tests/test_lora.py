@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lora
 from lora import LoRALinear
@@ -1187,3 +1188,69 @@ def test_print_trainable_parameters_prints_counts_and_share(capsys):
     trainable, total = lora.count_parameters(model)
     assert capsys.readouterr().out == (f"trainable params: {trainable:,} || all params: {total:,} || "
                                        f"trainable%: {100 * trainable / total:.4f}\n")
+
+
+# --- what an independent review found: each a silent error before, now an exact result or a refusal ---------------
+
+def test_a_model_that_is_itself_a_linear_is_refused_not_given_an_adapter_it_never_calls():
+    unchanged(lambda: nn.Linear(4, 4), lambda m: lora.add_lora(m, r=2), ValueError, "the model itself is a Linear")
+
+
+def hooked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[0].register_forward_hook(lambda module, inputs, output: output * 0)
+    return model
+
+
+def test_a_layer_with_hooks_or_a_parametrized_weight_is_refused_naming_why():
+    unchanged(hooked, lambda m: lora.add_lora(m, r=2, targets=["0"]), TypeError, "_forward_hooks")
+    unchanged(hooked, lambda m: lora.add_lora(m, r=2), TypeError, "_forward_hooks")  # targets=None too
+
+    def parametrized():
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        nn.utils.parametrizations.weight_norm(model[0])
+        return model
+    unchanged(parametrized, lambda m: lora.add_lora(m, r=2, targets=["0"]), TypeError, "parametrization")
+
+
+def test_an_encoder_with_an_adapter_past_its_first_layer_runs_eval_with_a_padding_mask_as_in_train_mode():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                    enable_nested_tensor=True)
+    lora.add_lora(encoder, r=2, targets=["layers.1.linear1"])
+    for _, layer in lora.lora_layers(encoder):
+        nn.init.normal_(layer.lora_B)
+    x, mask = torch.randn(3, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    train_out = encoder.train()(x, src_key_padding_mask=mask)
+    with torch.no_grad():
+        eval_out = encoder.eval()(x, src_key_padding_mask=mask)
+    keep = ~mask  # padded positions are undefined on the fast path (zeros) and the slow one alike
+    torch.testing.assert_close(eval_out[keep], train_out.detach()[keep])
+
+
+def test_a_fresh_model_loads_the_adapter_frozen_as_it_was_trained_and_bad_settings_change_nothing():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = net()
+    lora.add_lora(model, r=2, targets=["0"])
+    lora.mark_only_lora_as_trainable(model, modules_to_save=["2"])
+    state = lora.lora_state_dict(model)
+    fresh = net()
+    lora.load_lora_state_dict(fresh, state)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "2.weight", "2.bias"}
+    for key, bad, match in (("0.lora_alpha", -1.0, "layer '0' of the adapter: alpha"),
+                            ("0.lora_dropout", 1.0, "layer '0' of the adapter: dropout")):
+        broken = {**state, key: torch.tensor(bad, dtype=torch.float64)}
+        unchanged(net, lambda m: lora.load_lora_state_dict(m, broken), ValueError, match)
+
+
+def test_float32_adapters_on_a_bf16_base_round_the_sum_once_as_peft_does():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64).to(torch.bfloat16)
+    layer = lora.LoRALinear(base, r=4)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    exact = F.linear(x, base.weight, base.bias).float() + layer.scaling * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
+    assert torch.equal(layer(x), exact.to(torch.bfloat16))
