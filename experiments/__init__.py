@@ -9,6 +9,7 @@ Shared (never imports an experiment):
     report.py      the summary's one column schema, intervals, verdicts, tables, README blocks
     figures.py     parameters against accuracy, and the paired-difference panel
     storage.py     where files go; atomic writes, the run cache, hashes
+    notebook.py    the notebooks' config, output folder and device, and the test-only switches
     __main__.py    python -m experiments tune|sweep|readme|has-gpu --experiment mlp|transformer|text
 
 One sub-package per experiment: its config, data, models, and experiment.py, a protocol.Experiment subclass.
