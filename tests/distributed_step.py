@@ -82,6 +82,7 @@ def worker(rank: int, out: Path) -> None:
         lora.merge_lora(copy)
         torch.save({"ddp": trained(ddp), "fsdp": fsdp_trained, "fsdp_sharded": sharded,
                     "merge_error": merge_error, "merged_output": copy(x).detach()}, out / "results.pt")
+    dist.barrier()  # both ranks done before either tears gloo down: a rank leaving early can abort the other
     dist.destroy_process_group()
 
 
