@@ -12,7 +12,6 @@ number a mean over seeds.
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -81,9 +80,7 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
         return
     if args.phase == "readme":
         results = storage.load_results(out)
-        config = json.loads(out.config.read_text())
-        config["search_seconds"] = json.loads(out.learning_rates.read_text()).get("search_seconds")
-        block = exp.readme_block(results, config)
+        block = exp.readme_block(results, storage.load_config(out))
         report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers(exp.name), block)
         return
     if args.phase == "tune":

@@ -142,6 +142,15 @@ def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) ->
     return saved["chosen"]
 
 
+def load_config(out: Outputs) -> dict:
+    """The saved config with its environment and sweep time, and the search time saved with the learning rates:
+    what an experiment's README block states."""
+    config = json.loads(out.config.read_text())
+    if out.learning_rates.is_file():
+        config["search_seconds"] = json.loads(out.learning_rates.read_text()).get("search_seconds")
+    return config
+
+
 def save_results(out: Outputs, cfg, per_seed: pd.DataFrame, results: pd.DataFrame, fig, device: torch.device,
                  seconds: float, extra: dict | None = None) -> None:
     """The summary (6 significant digits), every run (full precision), the config with the environment, the PNG."""

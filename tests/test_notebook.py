@@ -88,7 +88,7 @@ def test_the_notebook_prints_the_numbers_of_its_results_csv(name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_the_readme_tables_are_the_results_csvs(name):
     out = storage.Outputs(name)
-    results, config = storage.load_results(out), json.loads(out.config.read_text())
+    results, config = storage.load_results(out), storage.load_config(out)
     table = make_experiment(name, torch.device("cpu")).readme_block(results, config)
     start, end = report.readme_markers(name)
     assert f"{start}\n{table}\n{end}" in (ROOT / "README.md").read_text()

@@ -1,7 +1,6 @@
 """Reporting: paired statistics, intervals and verdicts, and the figures, each rendered from the committed results
 with its two panels and error bars that say what they are."""
 
-import json
 import math
 
 import pandas as pd
@@ -23,13 +22,12 @@ CPU = torch.device("cpu")
 def committed_figure(experiment: str) -> Figure:
     out = storage.Outputs(experiment)
     results = storage.load_results(out)
-    if experiment == "text":
-        majority = json.loads(out.config.read_text())["data"]["majority"]
-        return TextExperiment(TextConfig(), CPU).plot(results, majority)
+    if experiment.startswith("text_"):
+        return TextExperiment(TextConfig.default(experiment.removeprefix("text_")), CPU).plot(results)
     return MnistExperiment(Config.default(experiment), CPU).plot(results)
 
 
-@pytest.mark.parametrize("experiment", ["mlp", "transformer", "text"])
+@pytest.mark.parametrize("experiment", ["mlp", "transformer", "text_rotten_tomatoes"])
 def test_each_figure_renders_from_the_committed_results_with_accuracy_and_difference_panels(experiment):
     fig = committed_figure(experiment)
     accuracy, difference = fig.axes
