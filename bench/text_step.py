@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora  # noqa: E402
 from experiments import trainer  # noqa: E402
 from experiments.methods import Method  # noqa: E402
 from experiments.plain_loop import plain_fit  # noqa: E402
