@@ -174,7 +174,7 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
     n = int(full["seeds"])
     out = [f"Paired over {n} seeds ({len(lora)} comparisons with full finetuning, each a 95% interval, "
            f"uncorrected; full finetuning: {full[f'{acc}_mean']:.4f}):"]
-    for (target_set, is_dora), rows in lora.groupby(["targets", "dora"], sort=False):
+    for _, rows in lora.groupby(["targets", "dora"], sort=False):  # one series per target set and kind
         name = method_label(rows.iloc[0], show_targets).rsplit(" r=", 1)[0].rstrip(",")
         s = f"{name} is {_against(rows, 'diff_vs_full', 'full finetuning')}."
         close = rows[rows["diff_vs_full_low"] > -0.01]
