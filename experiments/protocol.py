@@ -14,7 +14,6 @@ stopped, and a change of code or config never reuses a stale run.
 
 import abc
 import dataclasses
-import functools
 import json
 import sys
 import warnings
@@ -25,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from . import parallel
 from .methods import Method
 from .storage import cached, fingerprint, with_int_columns
 
@@ -38,6 +38,7 @@ class Experiment(abc.ABC):
     val_metric: str                      # the record field tuning scores, measured on the validation split
     per_seed_columns: tuple[str, ...]    # the sweep's columns, in order: record fields
     cache: Path                          # the default run-cache folder
+    parallel_on_cpu: bool = False        # on the CPU, jobs in processes of one thread each (parallel.py)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -102,21 +103,47 @@ def run_key(exp: Experiment) -> str:
 
 
 def run_jobs(exp: Experiment, seeds: list[int], jobs: list[tuple[Method, tuple[float, ...]]], cache_dir: Path,
-             progress: bool, desc: str, after_each: Callable[[int], None] | None = None) -> list[list[dict]]:
-    """exp.prepare once, then each (method, learning rates) job on `seeds`; every finished job is cached on disk."""
+             progress: bool, desc: str, after_each: Callable[[int], None] | None = None,
+             workers: int | None = None) -> list[list[dict]]:
+    """exp.prepare once, then each (method, learning rates) job on `seeds`; every finished job is cached on disk.
+
+    On the CPU, an experiment with `parallel_on_cpu` runs its jobs `workers` at a time (default: one per core),
+    each on one thread (parallel.py); elsewhere one after another, here. after_each(i) follows job i."""
     folder = Path(cache_dir) / run_key(exp) / f"seeds_{seeds[0]}-{seeds[-1]}"
-    shared = functools.cache(lambda: exp.prepare(seeds, folder))  # loaded only if some job is not cached yet
-    results = []
+    paths = [folder / f"{method.name}_lr{'_'.join(f'{lr:g}' for lr in lrs)}.pt" for method, lrs in jobs]
+    todo = [i for i, path in enumerate(paths) if not path.is_file()]
+    in_parallel = exp.parallel_on_cpu and exp.device.type == "cpu"
+    results: list = [None] * len(jobs)
     with tqdm(total=len(jobs), desc=desc, disable=not progress, file=sys.stdout, mininterval=1) as bar:
-        for i, (method, lrs) in enumerate(jobs):
-            bar.set_postfix_str(method.name, refresh=False)
-            lr_names = "_".join(f"{lr:g}" for lr in lrs)
-            results.append(cached(folder / f"{method.name}_lr{lr_names}.pt",
-                                  lambda: {"records": exp.train(shared(), method, lrs, seeds)})["records"])
+        def done(i: int) -> None:
+            bar.set_postfix_str(jobs[i][0].name, refresh=False)
             bar.update()
             if after_each is not None:
                 after_each(i)
+
+        for i in (i for i in range(len(jobs)) if i not in todo):
+            results[i] = torch.load(paths[i], weights_only=True)["records"]
+            done(i)
+        if todo and in_parallel:
+            with parallel.one_thread():
+                shared = exp.prepare(seeds, folder)
+            calls = [(exp, shared, *jobs[i], seeds, paths[i]) for i in todo]
+            fresh = parallel.run_each(train_job, calls, workers or parallel.default_workers(),
+                                      lambda k: done(todo[k]))
+            for i, records in zip(todo, fresh):
+                results[i] = records
+        elif todo:
+            shared = exp.prepare(seeds, folder)
+            for i in todo:
+                results[i] = train_job(exp, shared, *jobs[i], seeds, paths[i])
+                done(i)
     return results
+
+
+def train_job(exp: Experiment, shared, method: Method, lrs: tuple[float, ...], seeds: list[int],
+              path: Path) -> list[dict]:
+    """One job's records, trained and cached at `path` (in whichever process runs it)."""
+    return cached(path, lambda: {"records": exp.train(shared, method, lrs, seeds)})["records"]
 
 
 def choose_learning_rates(grid: pd.DataFrame, score: str) -> dict[str, float]:
@@ -126,17 +153,18 @@ def choose_learning_rates(grid: pd.DataFrame, score: str) -> dict[str, float]:
     return {m: float(chosen[m]) for m in grid["method"].drop_duplicates()}
 
 
-def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True,
+         workers: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Each method at every learning rate of the grid on the tuning seeds, scored on validation.
 
     Returns (grid: one row per method and lr with the mean and each seed's score, chosen: {method name: lr}).
-    A "seconds" field in the records is summed per row.
+    A "seconds" field in the records is summed per row. workers: jobs at a time on the CPU (run_jobs).
     """
     cfg = exp.cfg
     seeds = [TUNING_SEED + i for i in range(cfg.tune_seeds)]
     jobs = [(m, tuple(cfg.lr_grid)) for m in exp.methods]
     rows = []
-    for records in run_jobs(exp, seeds, jobs, cache_dir or exp.cache, progress, "tune"):
+    for records in run_jobs(exp, seeds, jobs, cache_dir or exp.cache, progress, "tune", workers=workers):
         for i, lr in enumerate(cfg.lr_grid):
             group = records[i * len(seeds):(i + 1) * len(seeds)]
             scores = [r[exp.val_metric] for r in group]
@@ -155,12 +183,13 @@ def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True) 
 
 
 def sweep(exp: Experiment, lrs: dict[str, float], cache_dir: Path | None = None, progress: bool = True,
-          after_each: Callable[[int], None] | None = None) -> pd.DataFrame:
+          after_each: Callable[[int], None] | None = None, workers: int | None = None) -> pd.DataFrame:
     """Every method on seeds 0 .. cfg.seeds - 1 at its chosen lr: one row per method and seed."""
     missing = [m.name for m in exp.methods if m.name not in lrs]
     if missing:
         raise ValueError(f"no learning rate for {missing}: run `{exp.tune_command()}` first")
     jobs = [(m, (lrs[m.name],)) for m in exp.methods]
-    results = run_jobs(exp, list(range(exp.cfg.seeds)), jobs, cache_dir or exp.cache, progress, "sweep", after_each)
+    results = run_jobs(exp, list(range(exp.cfg.seeds)), jobs, cache_dir or exp.cache, progress, "sweep", after_each,
+                       workers)
     rows = [{c: r[c] for c in exp.per_seed_columns} for records in results for r in records]
     return with_int_columns(pd.DataFrame(rows))

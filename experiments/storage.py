@@ -15,6 +15,8 @@ import numpy
 import pandas as pd
 import torch
 
+from . import parallel
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA_DIR = ROOT / "data"
 
@@ -118,7 +120,7 @@ def environment(device: torch.device) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "pandas": pd.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_jobs_at_once": parallel.default_workers()}
 
 
 def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float],

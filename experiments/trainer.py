@@ -17,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+EVAL_CHUNK = 128  # examples per evaluation forward (bench/README.md, "Where the time goes")
+
+
 def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -26,24 +29,39 @@ def stack(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
 
-def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run every stacked copy of `model`: params (S, ...) each, x (S, B, 784) per model or (B, 784) shared.
-
+def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+            frozen: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run every stacked copy of `model`: params (S, ...) each, x (G, B, 784) per seed or (B, 784) shared.
     Returns logits (S, B, 5). Dropout draws independent masks for each model.
+
+    frozen: tensors (G, ...) of one model per seed, shared by the S = L * G models (learning-rate major: model
+    l * G + g is seed g at learning rate l). A nested vmap, over seeds and then over learning rates, computes
+    what depends on them alone once per seed, not once per model: the frozen W x of LoRA's first layer, say.
+    Without frozen, G = S: x is (S, B, 784).
     """
     call = lambda p, x: torch.func.functional_call(model, p, (x,))
-    return torch.vmap(call, in_dims=(0, 0 if x.dim() == 3 else None), randomness="different")(params, x)
+    x_dim = 0 if x.dim() == 3 else None
+    if not frozen:
+        return torch.vmap(call, in_dims=(0, x_dim), randomness="different")(params, x)
+    G = len(next(iter(frozen.values())))
+    per_model = {k: v.view(-1, G, *v.shape[1:]) for k, v in params.items()}  # (S, ...) -> (L, G, ...)
+    over_lrs = torch.vmap(lambda p, f, x: call({**p, **f}, x), in_dims=(0, None, None), randomness="different")
+    over_seeds = torch.vmap(over_lrs, in_dims=(1, 0, x_dim), out_dims=1, randomness="different")
+    return over_seeds(per_model, frozen, x).flatten(0, 1)  # (L, G, B, 5) -> (S, B, 5)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
-    """Accuracy of each stacked model on (x, y), in eval mode."""
+def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
+             frozen: dict[str, torch.Tensor] | None = None, chunk: int = EVAL_CHUNK) -> list[float]:
+    """Accuracy of each stacked model on (x, y), in eval mode, `chunk` examples at a time: a whole split at once
+    makes activations of hundreds of MB for stacked transformers, far slower than chunks that stay in cache."""
     x, y = split
     was_training = model.training
     model.eval()
-    correct = (forward(model, params, x).argmax(-1) == y).float().mean(-1)  # (S, N) -> (S,)
+    correct = torch.cat([forward(model, params, x[i:i + chunk], frozen).argmax(-1) == y[i:i + chunk]
+                         for i in range(0, len(y), chunk)], dim=1)  # (S, N)
     model.train(was_training)
-    return correct.tolist()
+    return correct.float().mean(-1).tolist()
 
 
 class CosineAdam:
@@ -78,39 +96,46 @@ class CosineAdam:
 
 def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
         seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None,
-        stacked_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None) -> list[list[float]]:
+        stacked_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
+        frozen: dict[str, torch.Tensor] | None = None) -> list[list[float]]:
     """Train the parameters that require grad in place, model s with Adam at lrs[s] on a cosine schedule;
     returns each model's mean training loss per epoch, (S, epochs).
 
     Model s shuffles with a generator seeded by seeds[s], so every method (and every learning rate) sees the
     same data order for a given seed. graph: capture the step in a CUDA graph (default: on CUDA).
     stacked_forward(params, xb): logits (S, B, classes) of a model written for stacked parameters, used instead
-    of vmap over `model` (whose train() is still called).
+    of vmap over `model` (whose train() is still called). frozen: the tensors (G, ...) that the models of one
+    seed share (see `forward`); seeds are then G seeds repeated, learning-rate major, and each seed's batch is
+    gathered once.
     """
     x, y = split
     n, S = len(y), len(seeds)
     if len(lrs) != S:
         raise ValueError(f"one learning rate per stacked model: {S} seeds but {len(lrs)} learning rates")
+    G = len(next(iter(frozen.values()))) if frozen else S  # distinct seeds: distinct data orders
+    if S % G or seeds != seeds[:G] * (S // G):
+        raise ValueError(f"with frozen tensors of {G} seeds, seeds must be {G} seeds repeated; got {seeds}")
     steps_per_epoch = n // batch_size  # the last partial batch is dropped
     trainable = [p for p in params.values() if p.requires_grad]
     opt = CosineAdam(trainable, lrs, total_steps=epochs * steps_per_epoch)
-    idx = torch.zeros(S, batch_size, dtype=torch.long, device=y.device)  # this step's batch (S, B), filled in place
+    idx = torch.zeros(G, batch_size, dtype=torch.long, device=y.device)  # this step's batch (G, B), filled in place
 
     def step() -> torch.Tensor:
-        xb = x.index_select(0, idx.flatten()).view(S, batch_size, -1)  # (S, B, 784); 2x faster than x[idx]
-        logits = forward(model, params, xb) if stacked_forward is None else stacked_forward(params, xb)  # (S, B, 5)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, idx.flatten()), reduction="none")
+        xb = x.index_select(0, idx.flatten()).view(G, batch_size, -1)  # (G, B, 784); 2x faster than x[idx]
+        yb = y.index_select(0, idx.flatten()).repeat(S // G)  # (S * B,): model s's labels
+        logits = forward(model, params, xb, frozen) if stacked_forward is None else stacked_forward(params, xb)
+        loss = F.cross_entropy(logits.flatten(0, 1), yb, reduction="none")  # (S, B, 5) -> (S * B,)
         per_model = loss.view(S, batch_size).mean(1)  # (S,): each model's batch mean
         opt.step(torch.autograd.grad(per_model.sum(), trainable))  # the sum: model s gets its own gradient
         return per_model.detach()
 
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [torch.Generator().manual_seed(s) for s in seeds[:G]]
     model.train()
     use_graph = y.device.type == "cuda" if graph is None else graph
     run = step
     losses = torch.zeros(epochs, S, device=y.device)  # summed on the device: no sync per step
     for e in range(epochs):
-        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(y.device)  # (S, N)
+        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(y.device)  # (G, N)
         for i in range(steps_per_epoch):
             idx.copy_(order[:, i * batch_size:(i + 1) * batch_size])
             if use_graph and e * steps_per_epoch + i == 3:  # after 3 eager steps have settled the allocations

@@ -164,12 +164,44 @@ def test_a_rerun_is_identical_and_an_interrupted_sweep_resumes_to_the_same_resul
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False, after_each=interrupt_after_two)
+        protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False, after_each=interrupt_after_two,
+                       workers=1)
     cached = sorted(p.name for p in tmp_path.rglob("*.pt"))
     assert len(cached) == 3  # pretraining and two finished methods, nothing half-written
     (next(tmp_path.rglob("seeds_*")) / ".lora_r4_lr0.01.pt.123.tmp").write_bytes(b"torn")  # a killed write
-    resumed = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False)
+    resumed = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False, workers=1)
     pd.testing.assert_frame_equal(resumed, per_seed)
+
+
+def test_jobs_in_two_processes_give_the_bits_of_one_process_and_resume_after_an_interrupt(quick_run, tmp_path):
+    _, _, lrs, per_seed, _ = quick_run  # run with the default workers: one per core of this machine
+    alone = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path / "alone", progress=False, workers=1)
+    pd.testing.assert_frame_equal(alone, per_seed)  # one thread per job: the same bits however many run at once
+    finished = []
+
+    def interrupt_after_two(i):
+        finished.append(i)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path / "two", progress=False,
+                       after_each=interrupt_after_two, workers=2)
+    jobs = sorted(p.name for p in (tmp_path / "two").rglob("*_lr*.pt"))
+    assert len(jobs) >= 2  # the two that finished, and any that had started: those finish before the raise
+    assert not list((tmp_path / "two").rglob("*.tmp"))  # so none is still writing
+    resumed = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path / "two", progress=False, workers=2)
+    pd.testing.assert_frame_equal(resumed, per_seed)
+
+
+def test_lora_workers_must_be_a_positive_integer(monkeypatch):
+    from experiments.parallel import default_workers
+    monkeypatch.setenv("LORA_WORKERS", "3")
+    assert default_workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LORA_WORKERS", bad)
+        with pytest.raises(ValueError, match=f"LORA_WORKERS must be a positive integer, got '{bad}'"):
+            default_workers()
 
 
 def test_a_different_config_never_shares_cached_runs():

@@ -3,7 +3,6 @@ adapt every seed's base to task B (digits 5-9) with one method at each of its le
 job trained together by the stacked trainer."""
 
 import contextlib
-import functools
 import warnings
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import lora
 
 from .. import figures, report
 from ..methods import Method
-from ..protocol import Experiment
+from ..protocol import TUNING_SEED, Experiment
 from ..storage import ROOT, cached
 from ..trainer import accuracy, fit, set_seed, stack
+from . import stacked_mlp
 from .config import Config
 from .models import add_adapter, make_model
 from .tasks import load_tasks
@@ -40,11 +40,19 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
     model = make_model(cfg.model, cfg.dropout)
     set_seed(seeds[0])
     losses = fit(model, params, tasks["A"]["train"], seeds, [cfg.pretrain_lr] * len(seeds), cfg.pretrain_epochs,
-                 cfg.batch_size)
+                 cfg.batch_size, stacked_forward=written_out(cfg, {}, 1.0))
     params = {k: v.detach() for k, v in params.items()}
     return {"params": params, "losses": losses, "acc_A": accuracy(model, params, tasks["A"]["test"]),
             "acc_B": accuracy(model, params, tasks["B"]["test"]),
             "val_acc_A": accuracy(model, params, tasks["A"]["val"])}
+
+
+def written_out(cfg: Config, frozen: dict[str, torch.Tensor], scaling: float):
+    """The MLP's training forward written for stacked models (stacked_mlp.py: the same arithmetic as vmap over
+    lora.py's layers, laid out for the CPU); None for the transformer, which trains through vmap."""
+    if cfg.model != "mlp":
+        return None
+    return lambda params, x: stacked_mlp.forward(params, frozen, x, scaling, cfg.dropout, training=True)
 
 
 @contextlib.contextmanager
@@ -72,38 +80,48 @@ def initial_adapters(cfg: Config, method: Method, seeds: list[int], base: dict[s
 
 
 def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: Method,
-             lrs: tuple[float, ...]) -> dict:
+             lrs: tuple[float, ...], test: bool = True) -> dict:
     """Adapt every seed's pretrained model to task B with one method, at each learning rate of `lrs`: all
     len(lrs) x len(seeds) models train together, model (i, j) at lrs[i] from seed j's base. Returns one list
-    per measure, ordered as the models (learning-rate major)."""
+    per measure, ordered as the models (learning-rate major). test: also score on the test sets (tuning does
+    not look at them)."""
+    L = len(lrs)
     seeds_all = [s for _ in lrs for s in seeds]  # (L * S,): learning-rate major
-    base = {k: v.repeat(len(lrs), *[1] * (v.dim() - 1)) for k, v in base.items()}  # (S, ...) -> (L * S, ...)
     model = make_model(cfg.model, cfg.dropout)
-    params = {k: v.clone() for k, v in base.items()}  # every method starts from the pretrained weights
-    alpha = None
+    alpha, scaling = None, 1.0
     if method.kind == "lora":
         with quiet_rank_warning():
             add_adapter(model, method)
-        params.update(initial_adapters(cfg, method, seeds_all, base))
-        (alpha,) = {layer.alpha for _, layer in lora.lora_layers(model)}  # as the layers have it
+        alpha = {layer.alpha for _, layer in lora.lora_layers(model)}.pop()  # as the layers have it
         alpha = int(alpha) if alpha.is_integer() else alpha
+        (scaling,) = {layer.scaling for _, layer in lora.lora_layers(model)}
+    start = {**base, **(initial_adapters(cfg, method, seeds, base) if method.kind == "lora" else {})}  # (S, ...)
+    # every method starts from the pretrained weights; what trains is one copy per model (L * S, ...), what stays
+    # frozen one copy per seed (S, ...), shared by that seed's models (trainer.forward)
+    params, frozen = {}, {}
     for name, p in model.named_parameters():  # the template model says what trains
-        params[name].requires_grad_(p.requires_grad)
+        if p.requires_grad:
+            params[name] = start[name].repeat(L, *[1] * (start[name].dim() - 1)).requires_grad_()
+        else:
+            frozen[name] = start[name].clone()
     trainable, total = lora.count_parameters(model)
     set_seed(seeds[0] + method.dropout_seed)
     losses = fit(model, params, tasks["B"]["train"], seeds_all, [lr for lr in lrs for _ in seeds],
-                 cfg.finetune_epochs, cfg.batch_size)
+                 cfg.finetune_epochs, cfg.batch_size, frozen=frozen,
+                 stacked_forward=written_out(cfg, frozen, scaling))
     params = {k: v.detach() for k, v in params.items()}
+    score = lambda split: accuracy(model, params, split, frozen)
     out = {"method": method.name, "rank": method.rank,
            "targets": method.target_set if method.kind == "lora" else None,
            "dora": method.dora, "alpha": alpha, "lrs": [lr for lr in lrs for _ in seeds], "seeds": seeds_all,
            "trainable_params": trainable, "total_params": total,
-           "losses": losses, "val_acc_B": accuracy(model, params, tasks["B"]["val"]),
-           "acc_B": accuracy(model, params, tasks["B"]["test"]),
-           "acc_A_after": accuracy(model, params, tasks["A"]["test"])}
+           "losses": losses, "val_acc_B": score(tasks["B"]["val"])}
+    if not test:
+        return out
+    out.update(acc_B=score(tasks["B"]["test"]), acc_A_after=score(tasks["A"]["test"]))
     if method.kind == "lora" and trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n):
         with lora.disable_lora(model):  # only LoRA was trained, so switching it off must give the base back
-            out["acc_A_disabled"] = accuracy(model, params, tasks["A"]["test"])
+            out["acc_A_disabled"] = score(tasks["A"]["test"])
     return out
 
 
@@ -114,14 +132,18 @@ class MnistExperiment(Experiment):
                         "acc_A_after", "acc_A_disabled", "acc_A_pretrained", "acc_B_pretrained",
                         "loss_first_epoch", "loss_last_epoch")
     cache = ROOT / "runs"
+    parallel_on_cpu = True
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         self.name = cfg.model
-        self.tasks = functools.cache(lambda: load_tasks(cfg, device))  # loaded only if some run is not cached
+
+    def tasks(self) -> dict:
+        """Loaded on first use (only if some run is not cached), once per process."""
+        return load_tasks(self.cfg, self.device)
 
     def code_files(self) -> list[Path]:
-        mnist = ("config.py", "models.py", "row_transformer.py", "tasks.py", "experiment.py")
+        mnist = ("config.py", "models.py", "row_transformer.py", "stacked_mlp.py", "tasks.py", "experiment.py")
         return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py", "protocol.py")]
                 + [PACKAGE / "mnist" / f for f in mnist])
 
@@ -129,6 +151,10 @@ class MnistExperiment(Experiment):
         return cached(folder / "pretrain.pt", lambda: pretrain(self.cfg, self.tasks(), seeds))
 
     def train(self, base: dict, method: Method, lrs: tuple[float, ...], seeds: list[int]) -> list[dict]:
+        if seeds[0] >= TUNING_SEED:  # tuning never looks at the test images
+            r = finetune(self.cfg, self.tasks(), seeds, base["params"], method, lrs, test=False)
+            return [{"method": r["method"], "seed": s, "lr": r["lrs"][i], "val_acc_B": r["val_acc_B"][i]}
+                    for i, s in enumerate(r["seeds"])]
         r = finetune(self.cfg, self.tasks(), seeds, base["params"], method, lrs)
         disabled = r.get("acc_A_disabled", [None] * len(r["seeds"]))
         return [{"method": r["method"], "rank": r["rank"], "targets": r["targets"], "dora": r["dora"],
@@ -160,14 +186,16 @@ class MnistExperiment(Experiment):
         timing = f"the sweep took {config['sweep_seconds']:.0f} s"
         if config.get("search_seconds") is not None:
             timing = f"the learning-rate search took {config['search_seconds']:.0f} s and {timing}"
+        jobs = (f", {env['cpu_jobs_at_once']} jobs at a time of one thread each" if env["device"] == "cpu"
+                and "cpu_jobs_at_once" in env else "")
         n_b = len(self.tasks()["B"]["train"][1])  # the digits 5-9 among the training images
         return report.markdown(self.table(results)) + (
             f"\n\n{c['seeds']} seeds, {images}, of which each finetuning run sees the {n_b:,} of digits 5-9; "
             f"every method {c['finetune_epochs']} epochs at batch size {c['batch_size']} with Adam and a cosine "
             f"schedule, after {c['pretrain_epochs']} epochs of pretraining on 0-4, which reach "
             f"{results['acc_A_pretrained_mean'].iloc[0]:.3f} on the 0-4 test set (mean over seeds). In the run "
-            f"that made this table {timing} on {env['device']} ({env['device_name']}, {env['cpu_threads']} "
-            f"threads), torch {env['torch']}.\n\n"
+            f"that made this table {timing} on {env['device']} ({env['device_name']}{jobs}), torch {env['torch']}."
+            "\n\n"
             + report.findings(results, self.cfg.model != "mlp")
             + (" " + against_reference(results) if self.cfg.model == "mlp" else ""))
 

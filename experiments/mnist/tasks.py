@@ -1,5 +1,7 @@
 """MNIST as the two tasks of the experiments: task A = digits 0-4, task B = digits 5-9 relabelled 0-4."""
 
+import functools
+
 import torch
 from torchvision.datasets import MNIST
 
@@ -18,10 +20,16 @@ def split_indices(n: int, val_size: int, split_seed: int, train_subset: int | No
 
 
 def load_tasks(cfg, device: torch.device) -> dict[str, dict[str, Split]]:
-    """{"A"|"B": {"train"|"val"|"test": (x, y)}}, resident on `device`, normalised with MNIST's mean and std."""
+    """{"A"|"B": {"train"|"val"|"test": (x, y)}}, resident on `device`, normalised with MNIST's mean and std.
+    Loaded once per process for each split of the data: the tensors are shared, and never written to."""
+    return _load_tasks(cfg.val_size, cfg.split_seed, cfg.train_subset, torch.device(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tasks(val_size: int, split_seed: int, train_subset: int | None, device: torch.device) -> dict:
     root = data.prepare_mnist()
     train, test = MNIST(root, train=True), MNIST(root, train=False)
-    train_idx, val_idx = split_indices(len(train.targets), cfg.val_size, cfg.split_seed, cfg.train_subset)
+    train_idx, val_idx = split_indices(len(train.targets), val_size, split_seed, train_subset)
     splits = {"train": (train.data[train_idx], train.targets[train_idx]),
               "val": (train.data[val_idx], train.targets[val_idx]),
               "test": (test.data, test.targets)}
