@@ -4,7 +4,9 @@ this machine; compare with the measured sweep time.
     python bench/floor.py [--device auto|cpu|cuda]
 
 FLOPs are counted by torch.utils.flop_counter on one training step of one model per phase and method (forward
-and backward), then multiplied by the number of steps and seeds; evaluations are counted the same way. Only
+and backward), then multiplied by the number of steps and seeds; evaluations are counted the same way, chunk by
+chunk as the trainer runs them. The count is per model: where the stacked step computes a frozen W x once per
+seed for all learning rates (the search), it does less than this. Only
 matmuls are counted: elementwise work, the optimizer and the random numbers of dropout are not, so the floor is
 a lower bound. The rate is the best of a few large float32 matmuls, the most this machine does per second.
 """
@@ -24,6 +26,7 @@ from experiments.mnist.config import Config
 from experiments.mnist.experiment import MnistExperiment
 from experiments.mnist.models import add_adapter, make_mlp
 from experiments.mnist.tasks import load_tasks
+from experiments.trainer import EVAL_CHUNK
 
 
 def step_flops(model, x, y) -> int:
@@ -38,21 +41,27 @@ def forward_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
+def eval_flops(model, x, n: int) -> int:
+    """Forward FLOPs over n examples in the trainer's chunks (per-call work, such as DoRA's weight norm, once a
+    chunk, not once an example)."""
+    return (n // len(x)) * forward_flops(model, x) + (forward_flops(model, x[:n % len(x)]) if n % len(x) else 0)
+
+
 def sweep_flops(cfg: Config, tasks) -> dict[str, int]:
     """Matmul FLOPs of each phase of the default sweep, all seeds together."""
     bs, S = cfg.batch_size, cfg.seeds
     x, y = torch.randn(bs, 784), torch.randint(0, 5, (bs,))
+    xe = torch.randn(EVAL_CHUNK, 784)
     n = {t: {s: len(tasks[t][s][1]) for s in tasks[t]} for t in tasks}
     out = {"pretrain": S * cfg.pretrain_epochs * (n["A"]["train"] // bs) * step_flops(make_mlp(), x, y)}
-    per_sample = forward_flops(make_mlp(), x[:1])
-    out["evaluation"] = S * per_sample * (n["A"]["test"] + n["B"]["test"])  # after pretraining
+    out["evaluation"] = S * sum(eval_flops(make_mlp(), xe, n[t]["test"]) for t in "AB")  # after pretraining
     for method in cfg.methods:
         model, r = make_mlp(), method.rank
         if r is not None:
             add_adapter(model, method)
         out[method.name] = S * cfg.finetune_epochs * (n["B"]["train"] // bs) * step_flops(model, x, y)
-        evals = n["B"]["val"] + n["B"]["test"] + n["A"]["test"] * (1 if r is None else 2)
-        out["evaluation"] += S * forward_flops(model, x[:1]) * evals
+        splits = [n["B"]["val"], n["B"]["test"], n["A"]["test"]] + ([] if r is None else [n["A"]["test"]])
+        out["evaluation"] += S * sum(eval_flops(model, xe, k) for k in splits)
     return out
 
 

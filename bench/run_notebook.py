@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def result_output(value, count: int) -> dict:
 
 
 def run_cell(source: str, namespace: dict, count: int) -> tuple[list[dict], bool]:
-    """(outputs, ok) of one code cell."""
+    """(outputs, ok) of one code cell. IPython's line magics (`%matplotlib inline`) are skipped: without a
+    kernel, figures are rendered when a cell returns them."""
+    source = "".join(line for line in source.splitlines(keepends=True) if not line.lstrip().startswith("%"))
     tree = ast.parse(source)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     stdout, outputs, ok = io.StringIO(), [], True
@@ -62,9 +65,11 @@ def main(path: Path) -> int:
         if cell["cell_type"] != "code":
             continue
         count += 1
+        start = time.perf_counter()
         cell["outputs"], ok = run_cell("".join(cell["source"]), namespace, count)
         cell["execution_count"] = count
-        print(f"cell {count}: {'ok' if ok else 'FAILED'}", flush=True)
+        first_line = "".join(cell["source"]).strip().split("\n")[0][:60]
+        print(f"cell {count}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - start:.2f} s  ({first_line})", flush=True)
         if not ok:
             print("".join(cell["outputs"][-1]["traceback"][-20:]))
             break

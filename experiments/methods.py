@@ -41,6 +41,12 @@ class Method:
         return f"{prefix}_{self.target_set}_r{self.rank}" if self.show_target_set else f"{prefix}_r{self.rank}"
 
     @property
+    def cost_rank(self) -> tuple:
+        """Orders methods from cheap to dear to train, roughly: the head, LoRA by rank (DoRA after LoRA at a
+        rank), full finetuning. Only the order in which parallel jobs start depends on it, never a number."""
+        return ({"head": 0, "lora": 1, "full": 2}[self.kind], self.rank or 0, self.dora)
+
+    @property
     def dropout_seed(self) -> int:
         """Added to the first seed to seed this method's dropout masks: fixed per method, whatever runs before
         it, and distinct for distinct methods."""

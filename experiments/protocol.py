@@ -127,9 +127,11 @@ def run_jobs(exp: Experiment, seeds: list[int], jobs: list[tuple[Method, tuple[f
         if todo and in_parallel:
             with parallel.one_thread():
                 shared = exp.prepare(seeds, folder)
+            workers = workers or parallel.default_workers()
+            if workers > 1:  # long jobs first, so that short ones fill the tail
+                todo.sort(key=lambda i: jobs[i][0].cost_rank, reverse=True)
             calls = [(exp, shared, *jobs[i], seeds, paths[i]) for i in todo]
-            fresh = parallel.run_each(train_job, calls, workers or parallel.default_workers(),
-                                      lambda k: done(todo[k]))
+            fresh = parallel.run_each(train_job, calls, workers, lambda k: done(todo[k]))
             for i, records in zip(todo, fresh):
                 results[i] = records
         elif todo:

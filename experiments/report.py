@@ -186,8 +186,10 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
         else:
             s += " At no rank does the whole interval lie within one point of full finetuning."
         gap = rows[f"{acc}_mean"].max() - rows[f"{acc}_mean"]  # below the series' best mean
-        flat_from = min(k for k in rows["rank"] if (gap[rows["rank"] >= k] <= 0.0025).all())
-        flat = rows[rows["rank"] >= flat_from]
+        # the smallest rank from which every larger rank is within a quarter point of the best, if there is one:
+        # where the largest rank is further below the best, the curve falls again and does not flatten
+        flat_from = min((k for k in rows["rank"] if (gap[rows["rank"] >= k] <= 0.0025).all()), default=None)
+        flat = rows[rows["rank"] >= flat_from] if flat_from is not None else rows.iloc[:0]
         if len(flat) > 1:
             s += (f" From rank {int(flat_from)} on its means lie within a quarter point of its best "
                   f"({flat[f'{acc}_mean'].min():.4f} to {flat[f'{acc}_mean'].max():.4f}).")

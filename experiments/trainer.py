@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-EVAL_CHUNK = 128  # examples per evaluation forward (bench/README.md, "Where the time goes")
+EVAL_CHUNK = 128  # examples per evaluation forward on the CPU (bench/README.md, "Where the time goes")
 
 
 def set_seed(seed: int) -> None:
@@ -52,10 +52,12 @@ def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
 
 @torch.no_grad()
 def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
-             frozen: dict[str, torch.Tensor] | None = None, chunk: int = EVAL_CHUNK) -> list[float]:
-    """Accuracy of each stacked model on (x, y), in eval mode, `chunk` examples at a time: a whole split at once
-    makes activations of hundreds of MB for stacked transformers, far slower than chunks that stay in cache."""
+             frozen: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> list[float]:
+    """Accuracy of each stacked model on (x, y), in eval mode, `chunk` examples at a time (default: EVAL_CHUNK
+    on the CPU, where a whole split at once makes activations of hundreds of MB for stacked transformers, far
+    slower than chunks that stay in cache; the whole split on CUDA, where every chunk costs launches)."""
     x, y = split
+    chunk = chunk or (EVAL_CHUNK if x.device.type == "cpu" else len(y))
     was_training = model.training
     model.eval()
     correct = torch.cat([forward(model, params, x[i:i + chunk], frozen).argmax(-1) == y[i:i + chunk]

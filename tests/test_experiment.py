@@ -159,8 +159,11 @@ def test_pretraining_loss_goes_down(tasks):
 def test_a_rerun_is_identical_and_an_interrupted_sweep_resumes_to_the_same_result(quick_run, tmp_path):
     _, _, lrs, per_seed, _ = quick_run
 
+    finished = []
+
     def interrupt_after_two(i):
-        if i == 1:
+        finished.append(i)
+        if len(finished) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

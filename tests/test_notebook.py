@@ -136,6 +136,10 @@ def test_the_generated_findings_say_what_the_intervals_say():
     assert "within one point of full finetuning is 4 (40% of its parameters, -0.50 (-0.80 to -0.20) points)" in text
     assert "From rank 4 on its means lie within a quarter point of its best (0.9770 to 0.9790)." in text
     assert "DoRA is above LoRA at ranks 1, 4 and 16" in text and "(6 comparisons with full finetuning" in text
+    falls_again = results.copy()  # LoRA's largest rank a point below its best: no rank from which it is flat
+    falls_again.loc[falls_again.method == "lora_r16", "acc_B_mean"] = 0.967
+    text = report.findings(falls_again, show_targets=False)
+    assert "LoRA is below full finetuning at ranks 1 and 4" in text and "From rank 4 on" not in text
 
 
 def test_the_transformer_notebook_pairs_target_sets_at_the_parameter_count_it_names():

@@ -49,7 +49,8 @@ def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
 
 def written_out(cfg: Config, frozen: dict[str, torch.Tensor], scaling: float):
     """The MLP's training forward written for stacked models (stacked_mlp.py: the same arithmetic as vmap over
-    lora.py's layers, laid out for the CPU); None for the transformer, which trains through vmap."""
+    lora.py's layers, laid out for the CPU); None for the transformer, which trains through vmap. (Written out,
+    the transformer's step was only 5% faster on the CPU: bench/README.md, "Where the time goes".)"""
     if cfg.model != "mlp":
         return None
     return lambda params, x: stacked_mlp.forward(params, frozen, x, scaling, cfg.dropout, training=True)
