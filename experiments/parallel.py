@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,9 +50,15 @@ def pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
             _pool[1].shutdown()
         # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang
         _pool = (workers, concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-            initargs=(1,)))
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker))
     return _pool[1]
+
+
+def _start_worker() -> None:
+    """One thread; Ctrl-C (or a kernel's interrupt) goes to the caller, which cancels what has not started and
+    lets running jobs finish and save, rather than killing them half-way."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_each(fn: Callable, calls: list[tuple], workers: int, done: Callable[[int], None]) -> list:

@@ -203,4 +203,19 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
                                       for _, r in decided.iterrows()) + " points)" if len(decided) else "")
                    + f". Were the two equal, at least one of {len(dora)} independent 95% intervals would exclude "
                    f"zero by chance {100 * (1 - 0.95 ** len(dora)):.0f}% of the time.")
+    out += diverged(results, show_targets)
     return " ".join(out)
+
+
+def diverged(results: pd.DataFrame, show_targets: bool = True) -> list[str]:
+    """A sentence for each method some of whose seeds diverged (a "diverged_mean" column: the share of its seeds
+    whose training loss ended at chance level): their accuracies are in its mean and interval as they came."""
+    if "diverged_mean" not in results:
+        return []
+    out = []
+    for _, r in results[results["diverged_mean"] > 0].iterrows():
+        n = int(r["seeds"])
+        out.append(f"{method_label(r, show_targets)} diverged on {round(r['diverged_mean'] * n)} of {n} seeds at "
+                   f"its learning rate {r['lr']:g} (their training loss ended at chance level), which the search "
+                   f"chose on the tuning seeds: its mean and interval include those seeds as they came.")
+    return out

@@ -140,6 +140,12 @@ def test_the_generated_findings_say_what_the_intervals_say():
     falls_again.loc[falls_again.method == "lora_r16", "acc_B_mean"] = 0.967
     text = report.findings(falls_again, show_targets=False)
     assert "LoRA is below full finetuning at ranks 1 and 4" in text and "From rank 4 on" not in text
+    assert "diverged" not in text  # no diverged_mean column: nothing said
+    falls_again["diverged_mean"], falls_again["lr"] = 0.0, 0.01
+    falls_again["rank"] = falls_again["rank"].astype("Int64")  # as summarize writes it
+    falls_again.loc[falls_again.method == "lora_r1", ["diverged_mean", "lr"]] = (0.6, 0.1)
+    text = report.findings(falls_again, show_targets=False)
+    assert text.count("diverged") == 1 and "LoRA r=1 diverged on 3 of 5 seeds at its learning rate 0.1" in text
 
 
 def test_the_transformer_notebook_pairs_target_sets_at_the_parameter_count_it_names():

@@ -3,6 +3,7 @@ adapt every seed's base to task B (digits 5-9) with one method at each of its le
 job trained together by the stacked trainer."""
 
 import contextlib
+import math
 import warnings
 from pathlib import Path
 
@@ -166,7 +167,9 @@ class MnistExperiment(Experiment):
                  "val_acc_B": r["val_acc_B"][i]} for i, s in enumerate(r["seeds"])]
 
     def summarize(self, per_seed: pd.DataFrame) -> pd.DataFrame:
-        return report.summarize(per_seed, self.methods, self.metric, ("acc_A_after", "acc_A_pretrained"),
+        # diverged: the last epoch's training loss no lower than 90% of chance's, ln 5 (5 classes)
+        per_seed = per_seed.assign(diverged=per_seed["loss_last_epoch"] >= 0.9 * math.log(5))
+        return report.summarize(per_seed, self.methods, self.metric, ("acc_A_after", "acc_A_pretrained", "diverged"),
                                 {"epochs": self.cfg.finetune_epochs, "batch_size": self.cfg.batch_size})
 
     def table(self, results: pd.DataFrame) -> pd.DataFrame:
