@@ -142,7 +142,7 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert list(saved.columns) == ["method", "rank", "targets", "dora", "alpha", "trainable_params",
                                    "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "diff_vs_full",
                                    "diff_vs_full_low", "diff_vs_full_high", "diff_vs_lora", "diff_vs_lora_low",
-                                   "diff_vs_lora_high", "acc_A_after_mean", "acc_A_pretrained_mean", "seeds", "epochs",
+                                   "diff_vs_lora_high", "acc_A_after_mean", "acc_A_pretrained_mean", "diverged_mean", "seeds", "epochs",
                                    "batch_size", "lr"]
     config = json.loads(out.config.read_text())
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
@@ -156,16 +156,21 @@ def test_pretraining_loss_goes_down(tasks):
     assert losses[-1] < losses[0] * 0.7
 
 
+def interrupt_after(n: int):
+    """An after_each callback that raises KeyboardInterrupt once n jobs have finished, in whatever order."""
+    finished = []
+
+    def callback(i: int) -> None:
+        finished.append(i)
+        if len(finished) == n:
+            raise KeyboardInterrupt
+    return callback
+
+
 def test_a_rerun_is_identical_and_an_interrupted_sweep_resumes_to_the_same_result(quick_run, tmp_path):
     _, _, lrs, per_seed, _ = quick_run
 
-    finished = []
-
-    def interrupt_after_two(i):
-        finished.append(i)
-        if len(finished) == 2:
-            raise KeyboardInterrupt
-
+    interrupt_after_two = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
         protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path, progress=False, after_each=interrupt_after_two,
                        workers=1)
@@ -180,13 +185,7 @@ def test_jobs_in_two_processes_give_the_bits_of_one_process_and_resume_after_an_
     _, _, lrs, per_seed, _ = quick_run  # run with the default workers: one per core of this machine
     alone = protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path / "alone", progress=False, workers=1)
     pd.testing.assert_frame_equal(alone, per_seed)  # one thread per job: the same bits however many run at once
-    finished = []
-
-    def interrupt_after_two(i):
-        finished.append(i)
-        if len(finished) == 2:
-            raise KeyboardInterrupt
-
+    interrupt_after_two = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
         protocol.sweep(MnistExperiment(QUICK, CPU), lrs, tmp_path / "two", progress=False,
                        after_each=interrupt_after_two, workers=2)
