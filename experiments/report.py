@@ -106,8 +106,8 @@ def table(results: pd.DataFrame, show_targets: bool = True, accuracy: str = "tes
     cells = {"method": [method_label(r, show_targets) for _, r in results.iterrows()],
              "trainable params": results["trainable_params"].map("{:,}".format),
              "% of full's params": results["pct_params_vs_full"].map(lambda v: f"{v:.1f}" if v >= 0.95 else f"{v:.2g}"),
-             f"{accuracy} (mean ± std)": [f"{m:.4f} ± {s:.4f}" for m, s in zip(results[f"{acc}_mean"],
-                                                                            results[f"{acc}_std"])],
+             f"{accuracy} (mean ± std)": [f"{m:.4f} ± {s:.4f}" + _diverged_note(r) for (_, r), m, s in
+                                           zip(results.iterrows(), results[f"{acc}_mean"], results[f"{acc}_std"])],
              "difference to full finetuning, points (95% interval)": [
                  interval(*v) for v in zip(results.diff_vs_full, results.diff_vs_full_low, results.diff_vs_full_high)]}
     if has_dora:
@@ -117,6 +117,13 @@ def table(results: pd.DataFrame, show_targets: bool = True, accuracy: str = "tes
         cells[header] = results[column].map("{:.3f}".format)
     cells["lr"] = results["lr"].map("{:g}".format)
     return pd.DataFrame(cells)
+
+
+def _diverged_note(row) -> str:
+    """", 3 of 5 seeds diverged" where some did (a diverged_mean column), so that a mean pulled down by them is
+    marked in the table itself."""
+    share = row.get("diverged_mean", 0)
+    return f", {round(share * row['seeds'])} of {int(row['seeds'])} seeds diverged" if share and share > 0 else ""
 
 
 def markdown(cells: pd.DataFrame) -> str:
@@ -203,8 +210,7 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
                                       for _, r in decided.iterrows()) + " points)" if len(decided) else "")
                    + f". Were the two equal, at least one of {len(dora)} independent 95% intervals would exclude "
                    f"zero by chance {100 * (1 - 0.95 ** len(dora)):.0f}% of the time.")
-    out += diverged(results, show_targets)
-    return " ".join(out)
+    return " ".join(out[:1] + diverged(results, show_targets) + out[1:])
 
 
 def diverged(results: pd.DataFrame, show_targets: bool = True) -> list[str]:
@@ -217,5 +223,6 @@ def diverged(results: pd.DataFrame, show_targets: bool = True) -> list[str]:
         n = int(r["seeds"])
         out.append(f"{method_label(r, show_targets)} diverged on {round(r['diverged_mean'] * n)} of {n} seeds at "
                    f"its learning rate {r['lr']:g} (their training loss ended at chance level), which the search "
-                   f"chose on the tuning seeds: its mean and interval include those seeds as they came.")
+                   f"chose on the tuning seeds: its mean and interval include those "
+                   f"seeds as they came, and every comparison with it below rests on them.")
     return out

@@ -2,7 +2,7 @@
 
 vmap over lora.py's layers (trainer.forward) is exact but lays LoRA's small matrices out badly on the CPU: it
 copies each seed's batch once per learning rate, multiplies by each model's A (r, 784) separately, and takes
-A's gradient as the slow (784, B) @ (B, r) product; those took over half of a search step (bench/README.md,
+A's gradient as the slow (784, B) @ (B, r) product, a large part of a search step's time (bench/README.md,
 "Where the time goes"). Here the L models of one seed multiply their shared input by all their A at once,
 (B, 784) @ (784, L r), and that input's frozen W x is computed once per seed. The arithmetic is lora.py's:
 h = W x + b + s B A x, DoRA's m ⊙ (W x + s B A x) / ‖W + s B A‖ + b with the norm detached as in lora.py, and
