@@ -94,7 +94,7 @@ def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor]
     if method.kind == "lora":
         with quiet_rank_warning():
             add_adapter(model, method)
-        alpha = {layer.alpha for _, layer in lora.lora_layers(model)}.pop()  # as the layers have it
+        (alpha,) = {layer.alpha for _, layer in lora.lora_layers(model)}  # as the layers have it: one value
         alpha = int(alpha) if alpha.is_integer() else alpha
         (scaling,) = {layer.scaling for _, layer in lora.lora_layers(model)}
     start = {**base, **(initial_adapters(cfg, method, seeds, base) if method.kind == "lora" else {})}  # (S, ...)
