@@ -62,6 +62,11 @@ def side_by_side(xs: list[pd.Series], step: float = 1.08) -> list[list[float]]:
     return out
 
 
+def diverged_rows(rows: pd.DataFrame) -> pd.Series:
+    """Which rows had a seed diverge (their diverged_mean, where the summary has one)."""
+    return rows["diverged_mean"].fillna(0) > 0 if "diverged_mean" in rows else pd.Series(False, index=rows.index)
+
+
 def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None = None) -> Figure:
     """Left: trainable parameters (log x) against test accuracy, one line per LoRA (or DoRA) target set, the
     linear probe as a point, full finetuning as a band; extra(ax) adds an experiment's own lines. Right: each
@@ -87,6 +92,10 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
         ax.errorbar(x, rows[f"{acc}_mean"], yerr=rows[f"{acc}_std"], fmt="o-" if len(rows) > 1 else "D",
                     color=colors[dora, targets], capsize=3,
                     label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
+        bad = diverged_rows(rows).to_numpy()
+        if bad.any():
+            ax.plot([xi for xi, b in zip(x, bad) if b], rows.loc[bad, f"{acc}_mean"], "X", color="black", ms=11,
+                    zorder=5, label="some seeds diverged (training loss at chance): no verdict")
     if extra is not None:
         extra(ax)
     log_params_axis(ax)
@@ -101,7 +110,8 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
     ax.legend(loc="lower right", fontsize=8)
 
     others = results[results["method"] != "full"]
-    difference_panel(bx, others, [method_label(r, not one_target_set) for _, r in others.iterrows()],
+    difference_panel(bx, others, [method_label(r, not one_target_set) + (" (diverged)" if bad else "")
+                                  for (_, r), bad in zip(others.iterrows(), diverged_rows(others))],
                      [colors.get((r["dora"], r["targets"]), "tab:red") for _, r in others.iterrows()])
     fig.suptitle(title)
     fig.tight_layout()
