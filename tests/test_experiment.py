@@ -321,13 +321,13 @@ def test_the_rule_takes_the_smallest_rate_within_one_standard_error_of_the_best(
     assert (c.lr, c.best) == (3e-3, 3e-3)
 
 
-def test_a_diverged_rate_is_out_and_so_is_the_rate_below_it():
+def test_a_rate_at_which_any_tuning_seed_diverged_is_out():
     lrs = [1e-3, 3e-3, 1e-2, 3e-2]
     correct = [[90, 90, 90], [95, 95, 95], [99, 99, 99], [120, 120, 30]]  # 3e-2 scores best on two seeds
     diverged = [[False] * 3, [False] * 3, [False] * 3, [False, False, True]]
     c = protocol.choose(lrs, correct, diverged)
-    assert (c.lr, c.best, c.extend) == (3e-3, 3e-3, 0)
-    assert c.out == {3e-2: "diverged", 1e-2: "the next larger rate diverged"}
+    assert (c.lr, c.best, c.extend) == (1e-2, 1e-2, 0)  # not grown past 3e-2: the best eligible rate is inside
+    assert c.out == {3e-2: "diverged"}
     everything = protocol.choose(lrs, correct, [[True, False, False]] * 4)
     assert everything.lr is None and everything.extend == -1  # every rate out: look lower
 
@@ -387,14 +387,15 @@ def test_tuning_grows_the_grid_where_the_best_rate_is_at_an_end_and_warns_only_a
                                           ("lora_r1", (3e-2,)), ("full", (0.1,)), ("lora_r1", (0.1,))])
 
 
-def test_growing_stops_where_the_next_rate_diverges_and_the_rate_below_it_is_out(tmp_path):
+def test_growing_stops_where_the_next_rate_diverges(tmp_path):
     cfg = dataclasses.replace(Config.quick(), lr_grid=(1e-3, 3e-3, 1e-2), ranks=(1,), dora=False, tune_seeds=3)
     exp = PeakAt(cfg, {"full": 1.0, "lora_r1": 1.0}, blows_up=0.02)
-    with warnings.catch_warnings(record=True) as caught:  # 3e-2, the next rate, diverges: 1e-2 is out too
+    with warnings.catch_warnings(record=True) as caught:  # 3e-2, the next rate, diverges: 1e-2 is inside now
         warnings.simplefilter("always")
         grid, chosen = protocol.tune(exp, tmp_path, progress=False)
     assert not [w for w in caught if "end of the grid" in str(w.message)]
-    assert chosen == {"full": 3e-3, "lora_r1": 3e-3}
+    assert chosen == {"full": 1e-2, "lora_r1": 1e-2}
     rows = grid[grid.method == "full"].set_index("lr")
+    assert rows.index.tolist() == [1e-3, 3e-3, 1e-2, 3e-2]  # grown once, then stopped
     assert rows.loc[3e-2, "diverged"] == 3 and rows.loc[3e-2, "rule"] == "diverged"
-    assert rows.loc[1e-2, "rule"] == "the next larger rate diverged" and rows.loc[3e-3, "rule"] == "chosen best"
+    assert rows.loc[1e-2, "rule"] == "chosen best"
