@@ -10,46 +10,43 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         │                                    + ──► h
         └──► dropout ──► A ──► B ──► · alpha/r
 
-What it wraps (add_lora's `targets`; targets=None takes what PEFT's target_modules="all-linear" takes):
-- nn.Linear, and subclasses that keep nn.Linear's forward. A subclass with its own forward (a quantized
-  layer, say) is refused: its output is not F.linear of its .weight, so neither the base term nor a merge
-  would be what it computes.
+What it wraps (add_lora's `targets`, by name; targets=None takes every nn.Linear, Conv1D, convolution and
+nn.MultiheadAttention but the output embedding: on a transformer, what PEFT's target_modules="all-linear" takes;
+on a CNN, its convolutions too, which "all-linear" skips; it warns naming the kinds of layer it left out):
+- nn.Linear, and subclasses that keep its forward; one with its own forward (a quantized layer, say) is refused:
+  its output is not F.linear of its .weight, so neither the base term nor a merge would be what it computes.
 - transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
-- nn.Embedding, as PEFT does: A (r, num_embeddings), B (embedding_dim, r), and the looked-up row of
-  (alpha / r) · (B A)ᵀ is added to W's row. padding_idx: that row's A column starts at zero and gets no
-  gradient, so the pad row stays W's. max_norm (which renormalises W's rows in place) and sparse are refused.
-  Dropout does not apply to embeddings, whose input is indices (as in PEFT).
-- The linears of nn.TransformerEncoderLayer: its eval-mode fast path reads linear1/linear2's weights directly
-  and would skip the adapter, so wrapping one switches that layer's fast path off (activation_relu_or_gelu = 0,
-  and its encoder's nested-tensor path):
-  the adapter counts in train, eval and no_grad alike. nn.MultiheadAttention's out_proj is refused (its parent
-  reads out_proj.weight directly); targets=None leaves it alone with one warning.
-- A weight shared by several modules (a tied output layer and input embedding) is refused, naming both
-  modules: merging would change both. Untie it first, or leave it out (targets=None leaves the output
-  embedding out, as PEFT does).
-- Also refused: a layer with forward hooks or an instance-level forward (they would not see the adapter), a
-  weight computed by a parametrization (weight_norm, spectral_norm), and the model itself when it is a bare layer.
-- Every check runs before anything changes: a refused call leaves the model as it was.
+- nn.Embedding, by name, as PEFT: A (r, num_embeddings), B (dim, r); the looked-up row of (alpha / r) · (B A)ᵀ is
+  added to W's row, and the padding_idx row stays W's. max_norm and sparse are refused; dropout does not apply.
+- nn.Conv1d/2d/3d, as PEFT: A is a convolution like the base's (kernel, stride, padding, dilation) with r output
+  channels, B a 1×1 one: ΔW = scaling · B ∘ A has W's shape. groups > 1 is refused (W cannot hold a dense ΔW).
+- nn.MultiheadAttention, as PEFT: one A (r, E) and B (3E, r) over the packed in_proj_weight, so Wk is adapted
+  with the paper's Wq and Wv (PEFT's layout: adapters move both ways), and out_proj as a LoRALinear. forward runs
+  the module's own with W + ΔW, so every path sees the update. out_proj alone, and kdim/vdim, are refused.
+- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path (and
+  its encoder's nested tensors) off, so the adapter counts in eval too; merge_lora switches it back on.
+- Refused, each saying what to do instead: a weight tied to another module's (merging would change both: untie
+  it, or leave it out), a layer with forward hooks or an instance forward, a weight computed by a parametrization
+  (weight_norm, ...), the model itself when it is a bare layer, and DoRA on anything but nn.Linear. Every check
+  runs before anything changes: a refused call leaves the model as it was.
+- add_lora freezes only the weights it wraps; if most parameters still train at the model's first training
+  forward, it warns once (mark_only_lora_as_trainable freezes the rest). BatchNorm's running statistics move in
+  training mode and are not in the adapter: keep BatchNorm layers in eval mode, or train them in full.
 
 Guarantees:
-- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises
-  its own weight and as PEFT and loralib do; B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So B A = 0 and
-  training starts at the base model: bit for bit on a CPU in float32; on a GPU the fused addmm of forward may
-  pick another GEMM kernel than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
-  ("gaussian": A ~ N(0, std=1/r), as PEFT's "gaussian".)
-- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the size of the update roughly
-  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to
-  r (scaling 1; PEFT's default is alpha = 8): then each rank wants its own learning rate. use_rslora=True
-  scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
+- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear, PEFT and loralib
+  do ("gaussian": N(0, std=1/r), as PEFT's); B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So training starts
+  at the base model: bit for bit on a CPU in float32; on a GPU forward's fused addmm may pick another GEMM kernel
+  than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
+- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the update's size roughly
+  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to r
+  (scaling 1; PEFT's default is 8). use_rslora=True scales by alpha / sqrt(r) (Kalajdzievski, 2023, arXiv:2312.03732).
 - Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
   Adam updates are not rounded away; forward adds the update to the base's output in float32 and rounds
   once into the base's dtype, and merging forms W + ΔW in float32 and rounds once into W's dtype.
-- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m of shape
-  (out,), initialised to the row norms of W, sets the length of each output row of the adapted weight:
-
-    h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b      (norm over `in`, one per output feature)
-
-  The norm is a constant in backward (paper, section 4.3), as in PEFT.
+- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m (out,),
+  initialised to W's row norms, sets the length of each output row of the adapted weight; the norm is a constant
+  in backward (paper, section 4.3), as in PEFT:   h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
   `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
@@ -57,7 +54,7 @@ Guarantees:
   layer refuses to train rather than silently train nothing. merge_lora gives back the original module types.
 - lora_state_dict holds every tensor that trained plus the settings to rebuild the wrapping, tensors only
   (torch.load(weights_only=True) and safetensors both carry it); load_lora_state_dict wraps a fresh model itself.
-- Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
+  Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
 
     import lora
     lora.add_lora(model, r=8, targets=["query", "value"])       # use_dora=True for DoRA
@@ -217,9 +214,7 @@ class LoRALayer(nn.Module):
 
         # The base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra memory.
         for n, p in base._parameters.items():
-            setattr(self, n, p)
-            if p is not None:
-                p.requires_grad_(False)
+            setattr(self, n, p if p is None else p.requires_grad_(False))
         if adapter_dtype is None:  # float32 adapters on a half-precision base, as PEFT: see the module docstring
             half = self.weight.dtype in (torch.float16, torch.bfloat16)
             adapter_dtype = torch.float32 if half else self.weight.dtype
@@ -481,40 +476,28 @@ class LoRAEmbedding(LoRALayer):
 
 
 class LoRAConv(LoRALayer):
-    """nn.Conv1d/2d/3d with a frozen W (out, in, *kernel) plus the update PEFT computes: A is a convolution with the
-    base's kernel, stride, padding and dilation and r output channels, B a 1×1 convolution, and merge() adds
-    ΔW = scaling · B ∘ A, the two convolutions as one (out, in, *kernel) weight.
-
-    Args: as LoRALinear (base an nn.Conv1d/2d/3d with groups=1); use_dora is refused.
-    """
-
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.base_skeleton._conv_forward(x, weight, bias)  # the base's stride, padding (mode), dilation
+    """nn.Conv1d/2d/3d with a frozen W (out, in, *kernel) plus A, a convolution like the base's with r output
+    channels, then B, a 1×1 one (see the module docstring). Args: as LoRALinear; use_dora is refused."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = conv(x, W) + b + (alpha / r) · B ∘ A (dropout(x))."""
-        h = self._conv(x, self.weight, self.bias)  # (N, in, *size) -> (N, out, *size')
+        conv = self.base_skeleton._conv_forward  # the base's stride, padding (and its mode), dilation
+        h = conv(x, self.weight, self.bias)  # (N, in, *size) -> (N, out, *size')
         if self.merged or not self.enabled:
             self._check_not_training_merged()
             return h
         x_drop = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        u = self._conv(x_drop.to(self.lora_A.dtype), self.lora_A)  # (N, in, *size) -> (N, r, *size')
+        u = conv(x_drop.to(self.lora_A.dtype), self.lora_A, None)  # (N, in, *size) -> (N, r, *size')
         delta = (F.conv1d, F.conv2d, F.conv3d)[u.dim() - 3](u, self.lora_B)  # 1×1: (N, r, *size') -> (N, out, *size')
         return (h + delta * self.scaling).to(h.dtype)
 
 
 class LoRAMultiheadAttention(LoRALayer):
-    """nn.MultiheadAttention with LoRA on its packed input projection and on out_proj, as PEFT: one A (r, E) and
-    B (3E, r) over in_proj_weight (3E, E), which stacks Wq, Wk and Wv, and a LoRALinear as out_proj (Wo).
-
-    One A over the packed weight is PEFT's layout, so adapters move both ways and match PEFT's numbers; it adapts
-    Wk along with Wq and Wv. The module reads its weights directly (its fast path, and nn.TransformerEncoderLayer's,
-    too), so forward runs the module's own forward with W + ΔW in place of in_proj_weight and out_proj.weight:
-    training, eval, the fast path, need_weights, masks and batch_first all compute what the module computes with
-    the adapted weights, and gradients reach A and B. Dropout does not apply (as in PEFT): the update is in W.
-
-    Args: as LoRALinear (base an nn.MultiheadAttention whose q, k and v have embed_dim); use_dora is refused.
-    """
+    """nn.MultiheadAttention with A (r, E), B (3E, r) over in_proj_weight (3E, E: Wq, Wk, Wv stacked) and a
+    LoRALinear as out_proj, as PEFT. The module reads its weights itself (its fast path too), so forward runs its
+    own forward with W + ΔW in their place: every path (training, eval, fast path, need_weights, masks) computes
+    what the module computes with the adapted weights, and gradients reach A and B. Dropout does not apply (as in
+    PEFT): the update is in W. Args: as LoRALinear; use_dora is refused."""
 
     weight = property(lambda self: self.in_proj_weight)  # W: (3E, E)
     bias = property(lambda self: self.in_proj_bias)  # (3E,) or None
@@ -615,12 +598,11 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
         r: the rank of each update B A (paper, section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv).
         alpha: scaling = alpha / r (section 4.1); None means alpha = r, scaling 1. PEFT's default is alpha = 8:
             pass alpha=8 to match a LoraConfig that does not set lora_alpha.
-        targets: None takes what PEFT's target_modules="all-linear" takes: every nn.Linear and transformers'
-            Conv1D except the module model.get_output_embeddings() returns (where the model has that method);
-            an nn.MultiheadAttention's out_proj is left alone with a warning. Else a name or list of names, each
-            an exact qualified name ("encoder.0.query"), its dotted end as in PEFT ("query", "attention.self.query")
-            or a glob ("layers.*.attn.q_proj"); these may also name nn.Embedding layers. Every target must match
-            something, and everything it matches must be wrappable (see the module docstring).
+        targets: None takes every nn.Linear, Conv1D, nn.Conv1d/2d/3d and nn.MultiheadAttention but the module
+            model.get_output_embeddings() returns (on a transformer: PEFT's target_modules="all-linear"), and warns
+            naming the kinds of layer it left out. Else a name or list of names, each an exact qualified name
+            ("encoder.0.query"), its dotted end as in PEFT ("query") or a glob ("layers.*.attn.q_proj"); these may
+            also name nn.Embedding layers. Every target must match something, and all it matches must be wrappable.
         dropout: dropout on the adapter's input (the paper's code); not applied to embeddings.
         init: "kaiming" or "gaussian" initialisation of A; B starts at zero (section 4.1).
         use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
@@ -807,8 +789,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     modules = dict(model.named_modules())
     if not saved:
         raise KeyError("the state_dict holds no lora_A / lora_B tensors: it is not an adapter from lora_state_dict")
-    # An attention's out_proj adapter comes with the attention's: wrapping the attention makes both.
-    tops = [p for p in saved if not (p.rpartition(".")[0] in saved and _kind(modules.get(p.rpartition(".")[0])) == "mha")]
+    tops = [p for p in saved if not (p.rpartition(".")[0] in saved and  # an attention's out_proj comes with it
+                                     _kind(modules.get(p.rpartition(".")[0])) == "mha")]
     if own and set(own) != set(saved):
         raise KeyError(f"the model's LoRA layers are not the adapter's: the model lacks {sorted(set(saved) - set(own))}"
                        f", the adapter lacks {sorted(set(own) - set(saved))} (was add_lora called with the same "
