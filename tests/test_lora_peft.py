@@ -566,14 +566,17 @@ def test_train_with_the_head_save_and_load_into_a_fresh_model_ours_and_peft_file
 def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_the_adapted_logits(tmp_path,
                                                                                                  monkeypatch):
     pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    if not (ROOT / "README.md").exists():
+        pytest.skip("no README.md beside lora.py: lora.py was copied without the repository")
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Use `lora.py`")[1].split("\n## ")[0]
     blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
-    exec(compile(blocks[1], "README.md", "exec"), scope)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
     model, ids = scope["model"].eval(), scope["ids"]
     from transformers import BertForSequenceClassification
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "finetuned").eval()
@@ -581,6 +584,9 @@ def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_t
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert "transformer.h.0.attn.c_attn" in [n for n, _ in lora.lora_layers(scope["gpt2"])]
     assert not isinstance(scope["gpt2"].lm_head, lora.LoRALayer)
+    assert sum(isinstance(m, lora.LoRAConv) for m in scope["resnet"].modules()) == 20
+    assert [n for n, _ in lora.lora_layers(scope["encoder"])] == [
+        f"layers.{i}.self_attn{p}" for i in (0, 1) for p in ("", ".out_proj")]
 
 
 # --- convolutions and PyTorch's attention, against PEFT --------------------------------------------------------
