@@ -139,8 +139,8 @@ def _shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
 def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
     """Raise unless lora.py can wrap `base` exactly: the module, its class and what is supported."""
     if isinstance(base, LoRALayer):
-        raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter "
-                         "(was add_lora run twice, e.g. by re-running a notebook cell?)")
+        raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter (was add_lora "
+                         "run twice, e.g. by re-running a notebook cell?): start from a fresh model, or merge_lora it")
     kind, cls = _kind(base), type(base).__name__
     if kind is None:
         raise TypeError(f"{name} is a {cls}; {SUPPORTED}")
@@ -161,7 +161,7 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
     if kind == "embedding" and (base.max_norm is not None or base.sparse):
         raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
                         "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
-                        "lora.py wraps embeddings without them")
+                        "lora.py wraps embeddings without them: leave it out of targets")
     if kind == "conv" and base.groups > 1:
         raise TypeError(f"{name} is a {cls} with groups={base.groups}: B ∘ A is a dense (out, in, *kernel) update that "
                         f"its grouped weight (out, in / {base.groups}, *kernel) cannot hold, so it could not merge; "
@@ -176,7 +176,7 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
                         "W); add this layer in a second add_lora call with use_dora=False, or leave it out of targets")
     if use_dora and not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
         raise ValueError(f"{name} has all-zero rows {zero.nonzero().flatten()[:10].tolist()} in its weight; DoRA "
-                         "divides each row by its norm, so use_dora=True needs every row non-zero")
+                         "divides each row by its norm: wrap this layer with use_dora=False, or leave it out")
 
 
 class LoRALayer(nn.Module):
@@ -287,8 +287,8 @@ class LoRALayer(nn.Module):
         merged = merged.to(self.weight.dtype)  # checked after the cast: float16 overflows at 65504
         if not torch.isfinite(merged).all():
             raise ValueError(f"merging would put NaN or Inf into the {self.weight.dtype} weight; lora_A or lora_B "
-                             f"has diverged (|A|max={self.lora_A.abs().max().item():g}, "
-                             f"|B|max={self.lora_B.abs().max().item():g})")
+                             f"has diverged (|A|max={self.lora_A.abs().max().item():g}, |B|max="
+                             f"{self.lora_B.abs().max().item():g}): retrain at a lower rate, or load an earlier one")
         return merged, norm
 
     def merged_weight(self) -> torch.Tensor:
@@ -344,7 +344,8 @@ class LoRALayer(nn.Module):
         loads_weight = prefix + "weight" in state_dict
         merged = flags[0] in state_dict
         if loads_weight and merged and self.use_dora and flags[1] not in state_dict:
-            error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge it")
+            error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge "
+                              "it (save the layer unmerged)")
             return
         if self.merged and not loads_weight and any(prefix + n in state_dict for n in ADAPTER_NAMES):
             error_msgs.append(f"layer {prefix[:-1]!r} is merged: loading its adapter without its weight would "
@@ -613,7 +614,7 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
     modules = dict(model.named_modules())
     if any(isinstance(m, LoRALayer) for m in modules.values()) and targets is None:
         raise ValueError("model already carries LoRA layers; add_lora(targets=None) would stack a second adapter "
-                         f"on them: {[n for n, _ in lora_layers(model)]}")
+                         f"on them: {[n for n, _ in lora_layers(model)]}; name the new layers in targets")
     owners = _owners(model)
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
@@ -688,7 +689,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
     if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
-        raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full")
+        raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full; name it "
+                         "in add_lora's targets or in modules_to_save, not both")
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES or
                          (bias == "all" and name.rsplit(".", 1)[-1] == "bias"))
@@ -763,7 +765,7 @@ def _saved_layers(state_dict: dict) -> dict[str, dict[str, torch.Tensor]]:
             layers.setdefault(path, {})[leaf] = v
     for path, got in layers.items():
         if missing := [k for k in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora") if k not in got]:
-            raise KeyError(f"adapter state_dict: layer {path!r} lacks {missing}")
+            raise KeyError(f"adapter state_dict: layer {path!r} lacks {missing}: save with lora.lora_state_dict")
     return layers
 
 
@@ -800,7 +802,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise ValueError(f"layers {old} were saved by an older lora.py that did not record dropout: call "
                              "add_lora(model, ...) with the settings they were trained with, then load")
         if absent := [p for p in saved if p not in modules]:
-            raise KeyError(f"the adapter has layers {absent}, which the model lacks")
+            raise KeyError(f"the adapter has layers {absent}, which the model lacks: load it into the model it was "
+                           "trained on")
         owners = _owners(model)
         for path, got in saved.items():
             if path in tops:
@@ -814,7 +817,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     others = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ADAPTER_NAMES + SETTINGS}
     params = model.state_dict()
     if unexpected := sorted(k for k in others if k not in params):
-        raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}")
+        raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}; load it into the "
+                       "model it was trained on")
     for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
         r = own[path].r if own else got["lora_A"].shape[0]
         want = dict(zip(("lora_A", "lora_B"), (tuple(own[path].lora_A.shape), tuple(own[path].lora_B.shape)) if own else

@@ -439,7 +439,7 @@ def test_dora_refuses_a_weight_with_an_all_zero_row():
             model.layers[1].key.weight[3] = 0
         return model
     unchanged(zero_row, lambda m: lora.add_lora(m, r=2, use_dora=True), ValueError,
-              r"'layers.1.key' has all-zero rows \[3\].*use_dora=True")
+              r"'layers.1.key' has all-zero rows \[3\].*divides each row by its norm: wrap this layer with use_dora=False, or leave it out")
     lora.add_lora(zero_row(), r=2)  # plain LoRA does not divide by the norm
 
 

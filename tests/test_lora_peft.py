@@ -697,6 +697,14 @@ def test_self_attn_adapters_match_peft_in_training_and_count_in_eval_where_peft_
         torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-5, atol=1e-6)
 
 
+def assert_same_tensors(ours, theirs):
+    """Our layers' A and B are PEFT's, bit for bit."""
+    for n, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(peft_path(ours, n))
+        for ab in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(peft_layer, ab)["default"].weight, getattr(layer, ab)), (n, ab)
+
+
 @pytest.mark.parametrize("make, targets", [(tiny_cnn, ["0", "2", "5"]), (tiny_encoder, ["self_attn", "linear1"])])
 def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, targets):
     """The same tensors both ways, and PEFT's outputs where PEFT is right: in training mode (dropout 0), with
@@ -709,9 +717,7 @@ def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, ta
     perturb(ours)
     lora_peft.save_peft_adapter(ours, tmp_path / "ours")
     in_peft = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
-    for n, layer in lora.lora_layers(ours):
-        assert torch.equal(in_peft.base_model.model.get_submodule(peft_path(ours, n)).lora_B["default"].weight,
-                           layer.lora_B)
+    assert_same_tensors(ours, in_peft)
     zero_out_proj_updates(ours)
     zero_out_proj_updates(in_peft)
     assert not torch.allclose(ours(x), make()(x), atol=1e-3)
@@ -723,9 +729,7 @@ def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, ta
     in_ours = make()
     assert lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs") == [n for n, _ in lora.lora_layers(ours)]
     assert trainable(in_ours) == trainable(ours)
-    for n, layer in lora.lora_layers(in_ours):
-        assert torch.equal(theirs.base_model.model.get_submodule(peft_path(ours, n)).lora_A["default"].weight,
-                           layer.lora_A)
+    assert_same_tensors(in_ours, theirs)
     zero_out_proj_updates(in_ours)
     zero_out_proj_updates(theirs)
     torch.testing.assert_close(in_ours(x), theirs.train()(x), rtol=1e-5, atol=1e-5)
