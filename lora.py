@@ -29,9 +29,8 @@ on a CNN, its convolutions too, which "all-linear" skips; it warns naming the ki
   it, or leave it out), a layer with forward hooks or an instance forward, a weight computed by a parametrization
   (weight_norm, ...), the model itself when it is a bare layer, and DoRA on anything but nn.Linear. Every check
   runs before anything changes: a refused call leaves the model as it was.
-- add_lora freezes only the weights it wraps; if most parameters still train at the model's first training
-  forward, it warns once (mark_only_lora_as_trainable freezes the rest). BatchNorm's running statistics move in
-  training mode and are not in the adapter: keep BatchNorm layers in eval mode, or train them in full.
+- add_lora freezes only the weights it wraps (mark_only_lora_as_trainable freezes the rest; if most parameters still
+  train at the first training forward, it warns once). BatchNorm's running statistics are not in the adapter.
 
 Guarantees:
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear, PEFT and loralib
@@ -112,15 +111,12 @@ TORCH_BASES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Mult
 def _kind(module: nn.Module) -> str | None:
     """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", "conv" (nn.Conv1d/2d/3d),
     "mha" (nn.MultiheadAttention), or None if not wrappable."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
-            module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None)):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return "conv" if isinstance(module, TORCH_BASES[2:5]) else "mha" if isinstance(module, nn.MultiheadAttention) \
-        else None
+    for cls, kind in zip(TORCH_BASES, ("linear", "embedding", "conv", "conv", "conv", "mha")):
+        if isinstance(module, cls):
+            return kind
+    conv1d = type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
+        module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None))
+    return "conv1d" if conv1d else None
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -192,10 +188,9 @@ class LoRALayer(nn.Module):
             raise TypeError(f"base is a {type(base).__name__}: wrap it with {want.__name__} (add_lora picks it)")
         a_shape, b_shape = _shapes(base, r)
         in_features, out_features = math.prod(a_shape[1:]), b_shape[0]
-        if r > min(in_features, out_features):
-            warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
-                          f"the update B A has rank at most {min(in_features, out_features)}, so the extra "
-                          "parameters add no expressiveness", stacklevel=3)
+        if r > (most := min(in_features, out_features)):
+            warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): B A has "
+                          f"rank at most {most}, so the extra parameters add no expressiveness", stacklevel=3)
         self.kind = _kind(base)
         self.transposed = self.kind in ("conv1d", "embedding")  # W stored (in, out): ΔW is (s · B A)ᵀ
         self.r = int(r)
@@ -508,13 +503,10 @@ class LoRAMultiheadAttention(LoRALayer):
         self.out_proj = LoRALinear(base.out_proj, *args, **kwargs)
 
     def __getattr__(self, name: str):  # embed_dim, batch_first, ...: what PyTorch's layers read off self_attn
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_skeleton")
-            if base is None or not (name in base.__dict__ or hasattr(type(base), name)):
-                raise
+        base = self.__dict__.get("base_skeleton")
+        if base is not None and (name in base.__dict__ or hasattr(type(base), name)):
             return getattr(base, name)
+        return super().__getattr__(name)
 
     def forward(self, *args, **kwargs):
         """nn.MultiheadAttention's forward, with W + ΔW for in_proj_weight and out_proj.weight."""
