@@ -98,6 +98,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("model has no LoRA layers to save (call lora.add_lora first)")
     if merged := [n for n, layer in layers.items() if layer.merged]:
         raise ValueError(f"layers {merged} are merged, so their weight is not the base model's: unmerge() them")
+    if odd := [n for n, layer in layers.items() if isinstance(layer, lora.LoRAConv) and (
+            set(layer.base_skeleton.dilation) != {1} or layer.base_skeleton.padding_mode != "zeros")]:
+        raise ValueError(f"convolutions {odd} are dilated or pad other than with zeros, which PEFT's lora_A drops "
+                         "(PEFT would compute another function, or fail): save them with lora.lora_state_dict")
     for setting in ("use_rslora", "use_dora", "dropout"):
         if len({getattr(layer, setting) for layer in layers.values()}) > 1:
             raise ValueError(f"PEFT's format holds one {setting} for all layers, but they differ: "
@@ -249,8 +253,9 @@ def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save:
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load a PEFT LoRA/DoRA adapter folder into a model without LoRA; returns the wrapped names in module order.
 
-    nn.Linear, transformers' Conv1D (fan_in_fan_out) and nn.Embedding (lora_embedding_A/B) layers; adapters saved
-    in float16/bfloat16 load as float32 (lora.py's adapter dtype on a float32 or half-precision base).
+    nn.Linear, transformers' Conv1D (fan_in_fan_out), nn.Embedding (lora_embedding_A/B), convolutions and
+    nn.MultiheadAttention (with its out_proj) layers; adapters saved in float16/bfloat16 load as float32 (lora.py's
+    adapter dtype on a float32 or half-precision base).
 
     Wraps the layers the adapter has tensors for and loads A, B, DoRA's magnitudes, biases and modules_to_save;
     then leaves trainable what PEFT's get_peft_model would (adapters, the biases of `bias`, modules_to_save).

@@ -1361,6 +1361,13 @@ def test_multihead_attention_computes_the_module_with_adapted_weights_in_trainin
                     if a is not None:
                         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (layer(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-2
+    with lora.disable_lora(layer):
+        torch.testing.assert_close(layer(x, x, x)[0], mha(x, x, x)[0])
+    layer.merge()
+    torch.testing.assert_close(layer.in_proj_weight, ref.in_proj_weight)
+    torch.testing.assert_close(layer(x, x, x)[0], ref(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.in_proj_weight, mha.in_proj_weight)
     layer(x, x, x)[0].pow(2).sum().backward()
     assert all(p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B, layer.out_proj.lora_A,
                                                 layer.out_proj.lora_B))
@@ -1432,7 +1439,7 @@ def test_an_attention_with_its_own_kdim_and_dora_on_attention_are_refused_naming
 
 def test_targets_none_warns_naming_the_kinds_and_counts_it_left_out():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1), nn.ConvTranspose2d(4, 4, 2),
-                          nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(3) if False else nn.Linear(8, 3))
+                          nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8, 3))
     with pytest.warns(UserWarning, match=r"left out .*\{'Conv2d with groups > 1': 2, 'ConvTranspose2d': 1\}; name one"):
         assert lora.add_lora(model, r=2) == ["1", "5"]
 

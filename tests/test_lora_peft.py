@@ -659,6 +659,15 @@ def zero_out_proj_updates(model):
                 m.lora_B.zero_()
 
 
+def test_a_dilated_or_circular_convolution_is_refused_by_the_peft_writer_whose_format_drops_both(tmp_path):
+    for conv in (nn.Conv2d(3, 4, 3, dilation=2), nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")):
+        model = nn.Sequential(conv)
+        lora.add_lora(model, r=2)
+        with pytest.raises(ValueError, match=r"convolutions \['0'\] are dilated or pad other than with zeros"):
+            lora_peft.save_peft_adapter(model, tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
+
+
 def test_self_attn_adapters_match_peft_in_training_and_count_in_eval_where_peft_misses_them():
     """PEFT 0.21.2's nn.MultiheadAttention LoRA is wrong twice: it merges around each call, but
     nn.TransformerEncoderLayer's eval fast path reads the base weights itself, so in eval mode its adapter changes
