@@ -1,6 +1,7 @@
 # make run   set up, get the data, execute the notebooks: regenerates every results file, figure and README table
-#            (the text experiment only where a CUDA GPU is present; elsewhere its committed files are kept)
-# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 6 minutes on one H200 (bench/RESULTS.md)
+#            (the text experiment only where a CUDA GPU is present; elsewhere its committed files are kept),
+#            then says whether the new tables are the committed ones (python -m experiments compare)
+# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 8 minutes on one H200 (bench/RESULTS.md)
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv
@@ -14,6 +15,9 @@ run: data
 	$(PY) -m experiments readme --experiment mlp
 	$(PY) -m experiments readme --experiment transformer
 	if $(PY) -m experiments has-gpu --experiment text; then $(MAKE) text; fi
+	@echo; echo "Did this run reproduce the committed tables?"
+	@$(PY) -m experiments compare --experiment mlp
+	@$(PY) -m experiments compare --experiment transformer
 
 text: data
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 lora_text.ipynb

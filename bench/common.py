@@ -1,6 +1,7 @@
 """What every bench script shares: the machine's name, timing helpers, and appending a result to RESULTS.md."""
 
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -49,6 +50,14 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def record_run_time(key: str, entry: dict) -> None:
+    """Add or replace one timed run (what, seconds, machine, conditions, date) in results/run_times.json, from
+    which the README's time line is generated."""
+    times = json.loads(storage.RUN_TIMES.read_text()) if storage.RUN_TIMES.is_file() else {}
+    times[key] = entry
+    storage.write_json(storage.RUN_TIMES, times)
 
 
 def record(title: str, body: str, device: torch.device) -> None:

@@ -9,8 +9,8 @@ no kernel). The committed notebook and results are not touched.
 """
 
 import argparse
+import datetime
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, median, record, table  # first: puts the repo on sys.path
+from common import ROOT, machine, median, record, record_run_time, table  # first: puts the repo on sys.path
+from experiments import storage
 from experiments.methods import resolve_device
 
 RECORDED = {"lora_from_scratch.ipynb": "mlp", "lora_transformer.ipynb": "transformer"}
@@ -42,10 +43,8 @@ def run_once(notebook: Path, device: torch.device) -> tuple[float, float, float]
         start = time.perf_counter()
         subprocess.run(command, env=env, check=True, cwd=ROOT, capture_output=True)
         wall = time.perf_counter() - start
-        name = RECORDED[notebook.name]
-        search = json.loads((Path(tmp) / "results" / f"{name}_learning_rates.json").read_text())["search_seconds"]
-        sweep = json.loads((Path(tmp) / "results" / f"{name}_config.json").read_text())["sweep_seconds"]
-    return wall, search, sweep
+        times = storage.load_times(storage.Outputs(RECORDED[notebook.name], Path(tmp)))
+    return wall, times["search"], times["sweep"]
 
 
 def main():
@@ -65,8 +64,13 @@ def main():
                   for what, ts in zip(("end to end, fresh kernel", "search (as it prints)", "sweep (as it prints)"),
                                       cols)])
     body += "\n\nEach run from an empty run cache, on " + str(device) + "; search and sweep are the times the " \
-            "notebook itself records (results/*_learning_rates.json, results/*_config.json)."
+            "notebook itself records (runs/times.json)."
     record(f"5. The notebook {args.notebook}, end to end", body, device)
+    record_run_time(f"{args.notebook} on {device.type}", {
+        "what": f"`{args.notebook}` alone", "seconds": round(median(cols[0]), 1),
+        "machine": machine(device).rsplit(", torch", 1)[0],
+        "conditions": f"fresh kernel, run cache empty, median of {args.repeats}",
+        "date": datetime.date.today().isoformat()})
 
 
 if __name__ == "__main__":

@@ -94,7 +94,12 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
     if args.phase == "readme":
         results = storage.load_results(out)
         block = exp.readme_block(results, storage.load_config(out))
-        report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers(exp.name), block)
+        readme = storage.ROOT / "README.md"
+        report.replace_readme_block(readme, report.readme_markers(exp.name), block)
+        if exp.name == "mlp":  # the first screen: its table and sentences, and how long the runs take
+            report.replace_readme_block(readme, report.readme_markers("mlp", "headline"), report.headline(results))
+            report.replace_readme_block(readme, report.readme_markers("mlp", "time"),
+                                        report.run_times(storage.RUN_TIMES))
         return
     if args.phase == "tune":
         start = time.perf_counter()

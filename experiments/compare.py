@@ -43,11 +43,12 @@ def side_by_side(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """One row per method of both summaries: the two means and rates, the difference in units of the seed spread
     (the two runs' standard deviations pooled), and the two verdicts against full finetuning."""
     acc = accuracy_column(new)
+    several = new["targets"].dropna().nunique() > 1  # name target sets only where there are several
     old, new = old.set_index("method"), new.set_index("method")
     rows = []
     for m in new.index.intersection(old.index, sort=False):
         spread = ((old.at[m, f"{acc}_std"] ** 2 + new.at[m, f"{acc}_std"] ** 2) / 2) ** 0.5
-        rows.append({"method": method_label(new.loc[m].to_dict() | {"method": m}),
+        rows.append({"method": method_label(new.loc[m].to_dict() | {"method": m}, several),
                      "mean before": old.at[m, f"{acc}_mean"], "mean now": new.at[m, f"{acc}_mean"],
                      "difference / seed std": (new.at[m, f"{acc}_mean"] - old.at[m, f"{acc}_mean"]) / spread,
                      "lr before": old.at[m, "lr"], "lr now": new.at[m, "lr"],

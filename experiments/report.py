@@ -2,6 +2,7 @@
 the results table, and the README's generated blocks."""
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,6 +102,11 @@ def interval(mean: float, low: float, high: float) -> str:
     return f"{100 * mean:+.2f} ({100 * low:+.2f} to {100 * high:+.2f})"
 
 
+def cell_word(v) -> str:
+    """A verdict as a table cell: "below", "matches", "not distinguishable"; "" for none (NaN read from a CSV)."""
+    return v.removesuffix(" from") if isinstance(v, str) else ""
+
+
 def verdict_phrase(v: str, baseline: str) -> str:
     """"matches full finetuning (within ±1 point)", "below full finetuning", "not distinguishable from LoRA"."""
     if not isinstance(v, str) or not v:  # no verdict (read back from a CSV: NaN)
@@ -138,11 +144,11 @@ def table(results: pd.DataFrame, show_targets: bool = True, accuracy: str = "tes
                                            zip(results.iterrows(), results[f"{acc}_mean"], results[f"{acc}_std"])],
              "difference to full finetuning, points (95% interval)": [
                  interval(*v) for v in zip(results.diff_vs_full, results.diff_vs_full_low, results.diff_vs_full_high)],
-             "against full finetuning": results["verdict_vs_full"].fillna("").tolist()}
+             "against full finetuning": results["verdict_vs_full"].map(cell_word).tolist()}
     if has_dora:
         cells["DoRA − LoRA at the same rank, points (95% interval)"] = [
             interval(*v) for v in zip(results.diff_vs_lora, results.diff_vs_lora_low, results.diff_vs_lora_high)]
-        cells["DoRA against LoRA"] = results["verdict_vs_lora"].fillna("").tolist()
+        cells["DoRA against LoRA"] = results["verdict_vs_lora"].map(cell_word).tolist()
     for header, column in (extra or {}).items():
         cells[header] = results[column].map("{:.3f}".format)
     cells["lr"] = results["lr"].map("{:g}".format)
@@ -164,21 +170,76 @@ def markdown(cells: pd.DataFrame) -> str:
 
 
 def machine(env: dict) -> str:
-    """Which machine made a table, from a config's environment: "cpu (AMD EPYC 9R14; avx2 ...; torch dispatches
-    AVX512), torch 2.14.1" or "cuda (NVIDIA H200, CUDA 13.0), torch 2.11.0"."""
+    """Which machine made a table, from a config's environment: "cpu (AMD EPYC, torch's AVX512 kernels), torch
+    2.14.1" or "cuda (NVIDIA H200, CUDA 13.0), torch 2.11.0"; the CPU's vector extensions in full are in the
+    config file."""
     if env["device"].startswith("cuda"):
-        what = f"{env['device_name']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+        what = env["device_name"] + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
     else:
-        what = env.get("cpu", env["device_name"]) + (f"; {env['cpu_vector_extensions']}"
-                                                    if env.get("cpu_vector_extensions") else "")
+        kernels = env.get("cpu_vector_extensions", "").rpartition("torch dispatches ")[2]
+        what = env.get("cpu", env["device_name"]) + (f", torch's {kernels} kernels" if kernels else "")
     return f"{env['device']} ({what}), torch {env['torch']}"
 
 
-def readme_markers(experiment: str) -> tuple[str, str]:
-    """The comments around an experiment's generated block of README.md."""
-    name = "results" if experiment == "mlp" else f"{experiment} results"
+def readme_markers(experiment: str, block: str = "results") -> tuple[str, str]:
+    """The comments around a generated block of README.md: an experiment's results, or the MLP's "headline"
+    (the first screen's table and sentences) and "time" (how long the runs take)."""
+    name = block if experiment == "mlp" else f"{experiment} {block}"
     return (f"<!-- {name}: written by `python -m experiments readme --experiment {experiment}` -->",
             f"<!-- end of {name} -->")
+
+
+def headline(results: pd.DataFrame) -> str:
+    """The README's first screen: full finetuning and LoRA at every rank (method, trainable parameters, test
+    accuracy, the paired difference to full finetuning with its verdict), then three sentences on what it shows,
+    every number read off `results` (an MLP summary)."""
+    acc = accuracy_column(results)
+    full = results.set_index("method").loc["full"]
+    lora = results[(results["method"] != "full") & ~results["dora"].astype(bool)]
+    dora = results[results["dora"].astype(bool)]
+    rows = [["full finetuning", f"{int(full['trainable_params']):,}", f"{full[f'{acc}_mean']:.4f} ± {full[f'{acc}_std']:.4f}",
+             ""]]
+    for _, r in lora.iterrows():
+        word = cell_word(r["verdict_vs_full"]) or "no verdict"
+        rows.append([method_label(r, False), f"{int(r['trainable_params']):,} ({r['pct_params_vs_full']:.1f}%)",
+                     f"{r[f'{acc}_mean']:.4f} ± {r[f'{acc}_std']:.4f}" + diverged_note(r),
+                     f"{interval(r['diff_vs_full'], r['diff_vs_full_low'], r['diff_vs_full_high'])}: {word}"])
+    table = markdown(pd.DataFrame(rows, columns=["method", "trainable parameters (% of full's)",
+                                                 "test accuracy on 5-9 (mean ± std)",
+                                                 "− full finetuning, points (95% interval): verdict"]))
+    first = lora.iloc[0]
+    one = (f"LoRA at rank {int(first['rank'])} trains {int(first['trainable_params']):,} parameters, "
+           f"{first['pct_params_vs_full']:.1f}% of full finetuning's {int(full['trainable_params']):,}, and reaches "
+           f"{first[f'{acc}_mean']:.3f} against full finetuning's {full[f'{acc}_mean']:.3f}.")
+    sound = lora[lora["verdict_vs_full"].fillna("") != ""]
+    within = sound[sound["diff_vs_full_low"] > -0.01]
+    two = ("The gap closes as the rank grows" + (
+        f": from rank {int(within.iloc[0]['rank'])} ({within.iloc[0]['pct_params_vs_full']:.0f}% of the parameters) "
+        f"every interval's lower end is within one point of full finetuning" if len(within) and
+        (sound["rank"] >= within.iloc[0]["rank"]).sum() == len(within) else "") +
+        f"; after correcting for the {(results['verdict_vs_full'].fillna('') != '').sum()} comparisons with it "
+        f"(LoRA's and DoRA's), LoRA {_against(sound, 'vs_full', 'full finetuning')}.")
+    three = ""
+    judged = dora[dora["verdict_vs_lora"].fillna("") != ""]
+    if len(judged):
+        three = ("DoRA, which adds a trained length per output row of W, "
+                 f"{_against(judged, 'vs_lora', 'LoRA at the same rank')}.")
+    return table + "\n\n" + " ".join(x for x in (one, two, three) if x)
+
+
+def run_times(path: Path) -> str:
+    """How long the runs take, each with its machine and conditions, from results/run_times.json (written by
+    bench/time_make_run.py and bench/notebook_time.py, never by `make run`)."""
+    if not Path(path).is_file():
+        return "No run has been timed yet (bench/time_make_run.py)."
+    entries = json.loads(Path(path).read_text())
+    return " ".join(f"{e['what']}: {_duration(e['seconds'])} on {e['machine']} ({e['conditions']}; {e['date']})."
+                    for e in entries.values())
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def replace_readme_block(readme: Path, markers: tuple[str, str], block: str) -> None:

@@ -19,6 +19,7 @@ from . import parallel
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA_DIR = ROOT / "data"
+RUN_TIMES = ROOT / "results" / "run_times.json"  # timed runs, with machine and conditions: bench/time_make_run.py
 
 
 class DataError(RuntimeError):
@@ -71,6 +72,12 @@ class Outputs:
     @property
     def learning_rates(self) -> Path:
         return self._file("_learning_rates.json")
+
+    @property
+    def times(self) -> Path:
+        """How long this machine's last search and sweep took: beside the run cache, not among the results, so a
+        re-run that reproduces the results leaves every committed file as it was."""
+        return Path(self.root) / "runs" / "times.json"
 
     def all(self) -> list[Path]:
         return [self.summary, self.per_seed, self.test_correct, self.config, self.figure, self.lr_search,
@@ -154,12 +161,26 @@ def environment(device: torch.device) -> dict:
             "cpu_threads": torch.get_num_threads(), "cpu_jobs_at_once": parallel.default_workers()}
 
 
+def record_time(out: Outputs, phase: str, seconds: float | None) -> None:
+    """Keep `seconds` for `phase` ("search", "sweep") of this experiment in out.times (runs/times.json)."""
+    if seconds is None:
+        return
+    times = json.loads(out.times.read_text()) if out.times.is_file() else {}
+    times.setdefault(out.experiment, {})[phase] = round(seconds, 1)
+    write_json(out.times, times)
+
+
+def load_times(out: Outputs) -> dict[str, float]:
+    """{"search": s, "sweep": s} of this experiment's last run on this machine, where recorded."""
+    return json.loads(out.times.read_text()).get(out.experiment, {}) if out.times.is_file() else {}
+
+
 def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float],
                         seconds: float | None = None) -> None:
-    """The search's grid and choice; `seconds`, the search's time, goes into the README block beside the sweep's."""
+    """The search's grid and choice; `seconds`, the search's time, goes to out.times."""
     atomic_write(out.lr_search, grid.to_csv(index=False).encode())
-    timing = {} if seconds is None else {"search_seconds": round(seconds, 1)}
-    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen, **timing})
+    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen})
+    record_time(out, "search", seconds)
 
 
 def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) -> dict[str, float]:
@@ -176,23 +197,19 @@ def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) ->
 
 
 def load_config(out: Outputs) -> dict:
-    """The saved config with its environment and sweep time, and the search time saved with the learning rates:
-    what an experiment's README block states."""
-    config = json.loads(out.config.read_text())
-    if out.learning_rates.is_file():
-        config["search_seconds"] = json.loads(out.learning_rates.read_text()).get("search_seconds")
-    return config
+    """The saved config with its environment: what an experiment's README block states."""
+    return json.loads(out.config.read_text())
 
 
 def save_results(out: Outputs, cfg, per_seed: pd.DataFrame, results: pd.DataFrame, fig, device: torch.device,
                  seconds: float, extra: dict | None = None) -> None:
     """The summary (6 significant digits), every run (full precision) with which test examples it got right in a
-    file of its own (pack_bits), the config with the environment, the PNG."""
+    file of its own (pack_bits), the config with the environment, the PNG; the sweep's `seconds` to out.times."""
     atomic_write(out.summary, results.to_csv(index=False, float_format="%.6g").encode())
     atomic_write(out.per_seed, per_seed.drop(columns="test_correct").to_csv(index=False).encode())
     atomic_write(out.test_correct, per_seed[["method", "seed", "test_correct"]].to_csv(index=False).encode())
-    write_json(out.config, {"config": dataclasses.asdict(cfg), "environment": environment(device),
-                            "sweep_seconds": round(seconds, 1), **(extra or {})})
+    write_json(out.config, {"config": dataclasses.asdict(cfg), "environment": environment(device), **(extra or {})})
+    record_time(out, "sweep", seconds)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write(out.figure, buf.getvalue())
@@ -210,4 +227,7 @@ def load_per_seed(out: Outputs) -> pd.DataFrame:
 
 
 def load_results(out: Outputs) -> pd.DataFrame:
-    return with_int_columns(pd.read_csv(out.summary))
+    """The summary as summarize returned it: ranks as ints, a missing verdict as "" (a CSV reads it back as NaN)."""
+    df = with_int_columns(pd.read_csv(out.summary))
+    verdicts = [c for c in df.columns if c.startswith("verdict_")]
+    return df.assign(**{c: df[c].astype(object).fillna("") for c in verdicts})

@@ -67,7 +67,7 @@ def test_the_mlp_notebook_builds_lora_and_trains_it_by_hand_before_the_learning_
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_results_csv_is_the_summary_of_the_per_seed_rows(name):
     cfg, out = DEFAULTS[name], storage.Outputs(name)
-    per_seed = storage.with_int_columns(pd.read_csv(out.per_seed))
+    per_seed = storage.load_per_seed(out)  # with which test images each run got right: the intervals use them
     config = json.loads(out.config.read_text())["config"]
     assert type(cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}) == cfg
     exp = make_experiment(name, torch.device("cpu"))
@@ -92,6 +92,58 @@ def test_the_readme_tables_are_the_results_csvs(name):
     table = make_experiment(name, torch.device("cpu")).readme_block(results, config)
     start, end = report.readme_markers(name)
     assert f"{start}\n{table}\n{end}" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_committed_search_gives_the_committed_learning_rates_under_the_rule(name):
+    """protocol.choose, applied to the counts and diverged seeds of results/*_lr_search.csv, picks the rates the
+    sweep used: the rule is what made the table."""
+    out = storage.Outputs(name)
+    search, chosen = pd.read_csv(out.lr_search), json.loads(out.learning_rates.read_text())["chosen"]
+    for method, g in search.groupby("method", sort=False):
+        g = g.sort_values("lr")
+        counts = [[int(c) for c in str(v).split()] for v in g.val_correct]
+        c = protocol.choose(g.lr.tolist(), counts, [[k < d for k in range(len(n))] for n, d in zip(counts, g.diverged)])
+        assert c.lr == chosen[method], method
+
+
+def test_the_first_screen_is_the_generated_headline_and_the_makefiles_commands():
+    """What a newcomer reads before the full table: how to run it, the time, the figure, a table that is
+    results.csv's, three generated sentences and lora.py in five lines; every command in it is a Makefile target
+    or a file the venv has."""
+    readme = (ROOT / "README.md").read_text()
+    first = readme.split("## The MLP experiment in full")[0]
+    assert len(first.splitlines()) <= 60
+    start, end = report.readme_markers("mlp", "headline")
+    assert f"{start}\n{report.headline(storage.load_results(storage.Outputs('mlp')))}\n{end}" in first
+    start, end = report.readme_markers("mlp", "time")
+    assert f"{start}\n{report.run_times(storage.RUN_TIMES)}\n{end}" in first
+    assert "![" in first and "parameters_vs_accuracy.png" in first
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    assert set(re.findall(r"^make (\w+)", first, re.M)) == {"run"} <= targets
+    for tool in re.findall(r"^\.venv/bin/(\w+)", first, re.M):  # jupyter: from requirements.txt's jupyter
+        assert tool in {"jupyter"} and "jupyter==" in (ROOT / "requirements.txt").read_text()
+    if (ROOT / ".venv" / "bin").is_dir():
+        assert (ROOT / ".venv" / "bin" / "jupyter-lab").is_file() and (ROOT / ".venv" / "bin" / "jupyter-notebook").is_file()
+    code = first.split("```python")[1].split("```")[0].strip().splitlines()
+    assert len(code) == 5 and code[0].startswith("import lora")
+
+
+def test_the_selection_rule_reads_the_same_in_the_readme_and_the_notebooks():
+    assert report.RULE in (ROOT / "README.md").read_text()
+    for name in ("mlp", "text"):
+        assert any(report.RULE in c.source for c in nbformat.read(NOTEBOOKS[name], as_version=4).cells), name
+
+
+def test_the_readme_gives_the_size_of_the_virtual_environment_as_it_is():
+    venv = ROOT / ".venv"
+    if not (venv / "installed").is_file():
+        pytest.skip("no installed .venv to measure")
+    size = lambda root: sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
+    total, nvidia = size(venv), size(next(venv.glob("lib/python*/site-packages/nvidia")))
+    said = re.search(r"\(([\d.]+) GB, of which ([\d.]+) GB are NVIDIA's CUDA libraries", (ROOT / "README.md").read_text())
+    assert said, "the README's sentence on the venv's size"
+    assert abs(float(said[1]) - total / 2 ** 30) < 0.4 and abs(float(said[2]) - nvidia / 2 ** 30) < 0.3
 
 
 def test_every_file_and_make_target_the_readme_names_exists():

@@ -117,3 +117,35 @@ def test_paired_differences_pair_by_seed_not_by_position():
     assert d.loc["lora", "diff_low"] == pytest.approx(0.02) == d.loc["lora", "diff_high"]  # the same +0.02 each seed
     with pytest.raises(ValueError, match="baseline 'nothing'"):
         stats.paired_differences(per_seed, "acc", baseline="nothing")
+
+
+def test_compare_says_byte_identical_for_the_same_files_and_names_what_moved_otherwise(tmp_path):
+    """The re-run report (python -m experiments compare): the committed MLP files against themselves, then against
+    a copy with one rate, one verdict and one mean changed."""
+    from experiments import compare
+    committed = storage.Outputs("mlp")
+    text, table = compare.compare(committed, committed)
+    assert "byte-identical" in text and table.empty
+    other = storage.Outputs("mlp", tmp_path)
+    other.test_correct.parent.mkdir(parents=True)
+    other.test_correct.write_bytes(committed.test_correct.read_bytes())
+    results = storage.load_results(committed)
+    i = results.index[results.method == "lora_r8"][0]
+    results.loc[i, "lr"] = 0.5
+    results.loc[i, "verdict_vs_full"] = "matches"
+    results.loc[i, "acc_B_mean"] += 3 * results.loc[i, "acc_B_std"]
+    results.to_csv(other.summary, index=False)
+    text, table = compare.compare(other, committed)
+    assert "not byte-identical; 14 of 15 learning rates the same" in text
+    assert "LoRA r=8 0.5 → 0.01" in text and "LoRA r=8 matches → below" in text
+    assert "More than two seed standard deviations apart: LoRA r=8." in text
+    assert len(table) == 15 and "| LoRA r=8 |" in compare.markdown(table)
+
+
+def test_compare_against_a_git_revision_reads_the_committed_files(capsys):
+    from experiments.__main__ import main as cli
+    cli(["compare", "--experiment", "mlp", "--against", "HEAD"])
+    out = capsys.readouterr().out
+    assert out.startswith("mlp: ")  # byte-identical where the working tree's results are HEAD's, else what moved
+    with pytest.raises(SystemExit):
+        cli(["compare", "--experiment", "mlp", "--against", "no-such-revision"])

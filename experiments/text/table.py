@@ -63,7 +63,7 @@ def table2(combined: pd.DataFrame) -> pd.DataFrame:
                                         for (_, r), m, s in zip(rows.iterrows(), rows.acc_mean, rows.acc_std)]
         cells[f"{label}: − full, points (95% interval)"] = [
             report.interval(*v) or "—" for v in zip(rows.diff_vs_full, rows.diff_vs_full_low, rows.diff_vs_full_high)]
-        cells[f"{label}: verdict"] = rows.verdict_vs_full.fillna("").tolist()
+        cells[f"{label}: verdict"] = rows.verdict_vs_full.map(report.cell_word).tolist()
     return pd.DataFrame(cells)
 
 
@@ -76,7 +76,7 @@ def verdicts(combined: pd.DataFrame) -> str:
         groups = {}
         for _, r in judged.iterrows():
             groups.setdefault(r.verdict_vs_full, []).append(report.method_label(r))
-        said = "; ".join(f"{report.verdict_phrase(v, 'full finetuning')}: {', '.join(ms)}" for v, ms in groups.items())
+        said = "; ".join(f"{report.cell_word(v)}: {', '.join(ms)}" for v, ms in groups.items())
         qv = judged[judged.targets == "qv"]
         matches = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full in ("matches", "above")]
         unclear = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full == "not distinguishable from"]
@@ -87,8 +87,8 @@ def verdicts(combined: pd.DataFrame) -> str:
                      f"{', '.join(unclear)}: the data cannot settle the paper's claim there")
         else:
             claim = "LoRA on Wq, Wv is below full finetuning at every rank: the paper's claim is not reproduced"
-        lines.append(f"- **{TASK_LABELS[task]}** ({len(judged)} comparisons over {int(rows.seeds.min())} paired "
-                     f"seeds, Holm-corrected): {said}. Here {claim}, at this budget.")
+        lines.append(f"- **{TASK_LABELS[task]}** ({len(judged)} comparisons with full finetuning over "
+                     f"{int(rows.seeds.min())} paired seeds, Holm-corrected): {said}. Here {claim}, at this budget.")
     return "\n".join(lines)
 
 
