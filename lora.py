@@ -15,6 +15,9 @@ What it wraps (add_lora's `targets`; targets=None takes what PEFT's target_modul
   layer, say) is refused: its output is not F.linear of its .weight, so neither the base term nor a merge
   would be what it computes.
 - transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
+- nf4.py's LinearNF4 (QLoRA), recognised by its class name: the base term is its own output (its 4-bit weight
+  dequantized), the adapters are float32 by default. merge() is refused (folding ΔW into 4 bits would round it
+  again); merge_lora gives an nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
 - nn.Embedding, as PEFT does: A (r, num_embeddings), B (embedding_dim, r), and the looked-up row of
   (alpha / r) · (B A)ᵀ is added to W's row. padding_idx: that row's A column starts at zero and gets no
   gradient, so the pad row stays W's. max_norm (which renormalises W's rows in place) and sparse are refused.
@@ -109,7 +112,10 @@ def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype=
 
 
 def _kind(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", or None if not wrappable."""
+    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "nf4" (nf4.py's LinearNF4, whose weight is an
+    NF4Weight module: .dequantize(), .shape, .dtype), "embedding", or None if not wrappable."""
+    if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "dequantize", None)):
+        return "nf4"
     if isinstance(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
@@ -121,7 +127,7 @@ def _kind(module: nn.Module) -> str | None:
 def _dims(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a wrappable module: A is (r, in), B is (out, r)."""
     w = module.weight
-    return (w.shape[1], w.shape[0]) if _kind(module) == "linear" else (w.shape[0], w.shape[1])
+    return (w.shape[1], w.shape[0]) if _kind(module) in ("linear", "nf4") else (w.shape[0], w.shape[1])
 
 
 def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
@@ -172,8 +178,8 @@ class LoRALayer(nn.Module):
             warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
                           f"the update B A has rank at most {min(in_features, out_features)}, so the extra "
                           "parameters add no expressiveness", stacklevel=3)
-        self.kind = _kind(base)  # "linear", "conv1d" or "embedding"
-        self.transposed = self.kind != "linear"  # W stored (in, out) (Conv1D, Embedding): ΔW is (s · B A)ᵀ
+        self.kind = _kind(base)  # "linear", "conv1d", "nf4" or "embedding"
+        self.transposed = self.kind not in ("linear", "nf4")  # W stored (in, out) (Conv1D, Embedding): ΔW = (s B A)ᵀ
         self.r = int(r)
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
@@ -252,7 +258,8 @@ class LoRALayer(nn.Module):
                              "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
                              "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
                              "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
-        merged = self._precise_delta_weight().add_(self.weight)  # float32 or wider: W + s B A
+        w = self.weight.dequantize() if self.kind == "nf4" else self.weight  # NF4: the W the adapter trained on
+        merged = self._precise_delta_weight().add_(w)  # float32 or wider: W + s B A
         norm = None
         if self.use_dora:
             norm = torch.linalg.vector_norm(merged, dim=1)  # (out,): the precise W + s B A is here already
@@ -282,6 +289,9 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             return
+        if self.kind == "nf4":
+            raise TypeError("merge() would fold ΔW into the 4-bit weight, rounding it to NF4 again and losing most of "
+                            "the update; merge_lora(model) gives an nn.Linear holding the dequantized W + ΔW instead")
         merged, norm = self._fold()  # raises before anything changes
         if self.use_dora and (self.lora_magnitude == 0).any():
             raise ValueError("lora_magnitude has zeros: merging would zero those rows of W for good, so unmerge() "
@@ -364,6 +374,8 @@ class LoRALinear(LoRALayer):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """W x + b as the base layer computes it."""
+        if self.kind == "nf4":  # LinearNF4's forward: its 4-bit weight dequantized to the compute dtype
+            return F.linear(x, self.weight.dequantize(), self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # Conv1D: (N, in) @ (in, out) + b, as transformers computes it
@@ -381,7 +393,8 @@ class LoRALinear(LoRALayer):
         x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2  # p = 0: no copy of x
         # In place below is safe: linear's backward needs its inputs, never its output.
         u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        if self.lora_A.dtype != x.dtype:  # float32 adapter on a half-precision base: add in float32, round once
+        # A float32 adapter on a half-precision base: add in float32, round once. NF4: no W for addmm below.
+        if self.lora_A.dtype != x.dtype or self.kind == "nf4":
             delta = F.linear(u, self.lora_B).view(*x.shape[:-1], self.out_features)  # (N, r) @ (r, out)
             return (self._base(x) + delta).to(x.dtype)
         v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
@@ -500,7 +513,7 @@ def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why
         raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
                         "would silently ignore the adapter; target other layers")
     _check_base(module, name=label, use_dora=use_dora)
-    if len(tied := [n for n in owners[id(module.weight)] if n != name]):
+    if len(tied := [n for n in owners.get(id(module.weight), []) if n != name]):
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
@@ -536,7 +549,7 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
         output = get_out() if callable(get_out) else None
-        names = [n for n, m in modules.items() if _kind(m) in ("linear", "conv1d") and m is not output]
+        names = [n for n, m in modules.items() if _kind(m) in ("linear", "conv1d", "nf4") and m is not output]
         if skipped := [n for n in names if isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention)]:
             warnings.warn(f"targets=None leaves {skipped} alone: an nn.MultiheadAttention reads its out_proj's "
                           "weight directly, so an adapter there would be ignored", stacklevel=2)
@@ -757,11 +770,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
             raise ValueError(f"layer {name!r}: {e}") from None
     with torch.no_grad():
         for name, layer in layers:
-            if not layer.merged:
-                layer.weight.copy_(layer._fold()[0])
-            base = copy.copy(layer.base_skeleton)
-            base._parameters = dict(base._parameters)
-            base.weight = layer.weight
+            if layer.kind == "nf4":  # a plain nn.Linear: dequantized W + ΔW, never the W before quantization
+                base = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+                base.weight = nn.Parameter(layer._fold()[0], requires_grad=False)
+            else:
+                if not layer.merged:
+                    layer.weight.copy_(layer._fold()[0])
+                base = copy.copy(layer.base_skeleton)
+                base._parameters = dict(base._parameters)
+                base.weight = layer.weight
             if "bias" in base._parameters:
                 base.bias = layer.bias
             base.train(layer.training)
