@@ -247,3 +247,21 @@ def test_other_quantized_layers_are_still_refused():
     model = bnb_model(Net())
     with pytest.raises(TypeError, match="its own forward"):
         lora.add_lora(model, r=4, targets=["query"])
+
+
+# ─── the notebook ─────────────────────────────────────────────────────────────────────────────────────────────
+
+def test_the_qlora_notebook_runs_top_to_bottom_and_the_committed_one_ran_in_order(tmp_path, monkeypatch):
+    """lora_qlora.ipynb on the CPU (seconds; it needs the MiniLM files of `make data`), writing under tmp_path."""
+    import nbformat
+    from nbclient import NotebookClient
+    from experiments import storage
+    path = storage.ROOT / "lora_qlora.ipynb"
+    committed = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    assert [c.execution_count for c in committed] == list(range(1, len(committed) + 1))
+    assert not [o for c in committed for o in c.outputs if o.output_type == "error"]
+    monkeypatch.setenv("LORA_OUT_DIR", str(tmp_path))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(storage.ROOT)}}).execute()
+    assert (tmp_path / "results" / "nf4_codebook.png").is_file()
