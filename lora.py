@@ -113,7 +113,7 @@ def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype=
 
 def _kind(module: nn.Module) -> str | None:
     """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "nf4" (nf4.py's LinearNF4, whose weight is an
-    NF4Weight module: .dequantize(), .shape, .dtype), "embedding", or None if not wrappable."""
+    NF4Weight module: .dequantize(), .linear(x, b), .shape, .dtype), "embedding", or None if not wrappable."""
     if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "dequantize", None)):
         return "nf4"
     if isinstance(module, nn.Linear):
@@ -374,8 +374,8 @@ class LoRALinear(LoRALayer):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """W x + b as the base layer computes it."""
-        if self.kind == "nf4":  # LinearNF4's forward: its 4-bit weight dequantized to the compute dtype
-            return F.linear(x, self.weight.dequantize(), self.bias)
+        if self.kind == "nf4":  # LinearNF4's forward: F.linear(x, W, b), its 4-bit W dequantized (again in backward)
+            return self.weight.linear(x, self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # Conv1D: (N, in) @ (in, out) + b, as transformers computes it

@@ -162,6 +162,10 @@ class NF4Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_nf4(self)
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear(x, self.dequantize(), bias), keeping only the 4-bit form for backward (see _NF4Linear)."""
+        return _NF4Linear.apply(x, bias, self)
+
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, " \
                f"double_quant={self.double_quant}"
@@ -186,6 +190,23 @@ class NF4Weight(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x Wᵀ + b with W dequantized in forward and again in backward, as bitsandbytes' MatMul4Bit does: autograd
+    would otherwise keep every layer's full-precision W alive from its forward to its backward, and a model's
+    training step would hold as much weight memory as without quantization. W never gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight):
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(), bias)  # (N, in) @ (in, out) + b -> (N, out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_out @ ctx.weight.dequantize() if ctx.needs_input_grad[0] else None  # (N, out) @ (out, in)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -240,7 +261,8 @@ def _blockwise_product(values: torch.Tensor, scales: torch.Tensor, blocksize: in
 
 class LinearNF4(nn.Module):
     """A frozen nn.Linear whose weight is stored in NF4: forward dequantizes it to the compute dtype and applies
-    F.linear. The bias stays in full precision (the compute dtype). lora.py wraps it (QLoRA).
+    F.linear, and backward dequantizes it again rather than keep it (as bitsandbytes). The bias stays in full
+    precision (the compute dtype). lora.py wraps it (QLoRA).
 
     Args:
         in_features, out_features, bias: as nn.Linear.
@@ -284,7 +306,7 @@ class LinearNF4(nn.Module):
         return self.weight.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dequantize(), self.bias)  # (N, in) @ (in, out) + b -> (N, out)
+        return self.weight.linear(x, self.bias)  # F.linear(x, W, b), W dequantized: (N, in) @ (in, out) + b
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -90,6 +90,15 @@ def test_only_a_and_b_train_and_get_gradients():
     assert lora.count_parameters(model)[0] == 2 * (4 * 64 + 64 * 4)
 
 
+def test_the_training_step_keeps_no_dequantized_weight_for_backward():
+    model, _ = qlora()
+    lora.mark_only_lora_as_trainable(model)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(torch.randn(6, 64, requires_grad=True)).sum().backward()
+    assert (64, 64) not in saved and model.query.lora_A.grad is not None
+
+
 def test_the_base_keeps_its_state_dict_names():
     model, _ = quantized()
     before = model.state_dict()

@@ -227,6 +227,25 @@ def test_linear_nf4_computes_f_linear_of_the_dequantized_weight(dtype):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+def test_linear_nf4_gradients_are_those_of_f_linear_with_the_dequantized_weight():
+    layer = nf4.LinearNF4.from_linear(linear())
+    layer.bias.requires_grad_(True)  # a bias may train (lora.mark_only_lora_as_trainable(bias="all"))
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    gy = torch.randn(2, 5, 40)
+    layer(x).backward(gy)
+    x_ref, b_ref = x.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    F.linear(x_ref, layer.dequantized_weight(), b_ref).backward(gy)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.bias.grad, b_ref.grad)
+
+
+def test_linear_nf4_keeps_no_dequantized_weight_for_backward():
+    layer = nf4.LinearNF4.from_linear(linear(in_f=128, out_f=256))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        layer(torch.randn(4, 128, requires_grad=True)).sum().backward()
+    assert 128 * 256 not in saved
+
+
 def test_linear_nf4_compute_dtype_is_what_the_weight_dequantizes_to():
     layer = nf4.LinearNF4.from_linear(linear(), compute_dtype=torch.bfloat16)
     assert layer.dequantized_weight().dtype == layer.bias.dtype == torch.bfloat16
