@@ -38,7 +38,8 @@ Double quantization (paper, section 3, "Double Quantization")
     mean (the `absmax_offset`, float32) is subtracted, and the rest, in blocks of 256, is quantized to 8 bits the
     same way (divide by the block's largest |value|, the `absmax_scale`, float32; nearest level, ties down) over
     bitsandbytes' 8-bit dynamic map (DYNAMIC_CODEBOOK: 0, 1, and for each decade 10⁻⁶ … 10⁰ a linear grid of
-    1, 2, 4, …, 64 values, both signs: fine near zero, coarse near one).
+    1, 2, 4, …, 64 values, both signs: fine near zero, coarse near one). Nearest as bitsandbytes' torch kernel
+    rounds; its native CPU kernel searches approximately and lands a few of these codes off (tests/test_nf4.py).
 
 Bits per parameter
         plain:                4 + 32/64                        = 4.5
@@ -211,7 +212,8 @@ class _NF4Linear(torch.autograd.Function):
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize `weight` (float32, bfloat16 or float16, any shape) to NF4, as bitsandbytes' quantize_4bit(weight,
-    blocksize, quant_type="nf4", compress_statistics=double_quant) does, byte for byte."""
+    blocksize, quant_type="nf4", compress_statistics=double_quant) does, byte for byte (the 8-bit absmax codes as
+    its torch kernel rounds them: see the module docstring)."""
     if not isinstance(weight, torch.Tensor) or weight.dtype not in DTYPES:
         raise TypeError(f"weight must be a float32, bfloat16 or float16 tensor, got "
                         f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
