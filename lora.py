@@ -10,49 +10,45 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         │                                    + ──► h
         └──► dropout ──► A ──► B ──► · alpha/r
 
-What it wraps (add_lora's `targets`; targets=None takes what PEFT's target_modules="all-linear" takes):
-- nn.Linear, and subclasses that keep nn.Linear's forward. A subclass with its own forward (a quantized
-  layer, say) is refused: its output is not F.linear of its .weight, so neither the base term nor a merge
-  would be what it computes.
+What it wraps (add_lora's `targets`, by name; targets=None takes every nn.Linear, Conv1D, convolution and
+nn.MultiheadAttention but the output embedding: on a transformer, what PEFT's target_modules="all-linear" takes;
+on a CNN, its convolutions too, which "all-linear" skips; it warns naming the kinds of layer it left out):
+- nn.Linear, and subclasses that keep its forward; one with its own forward (a quantized layer, say) is refused:
+  its output is not F.linear of its .weight, so neither the base term nor a merge would be what it computes.
 - transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
-- nf4.py's LinearNF4 (QLoRA), recognised by its class name: the base term is its own output (its 4-bit weight
-  dequantized), the adapters are float32 by default. merge() is refused (folding ΔW into 4 bits would round it
-  again); merge_lora gives an nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
-- nn.Embedding, as PEFT does: A (r, num_embeddings), B (embedding_dim, r), and the looked-up row of
-  (alpha / r) · (B A)ᵀ is added to W's row. padding_idx: that row's A column starts at zero and gets no
-  gradient, so the pad row stays W's. max_norm (which renormalises W's rows in place) and sparse are refused.
-  Dropout does not apply to embeddings, whose input is indices (as in PEFT).
-- The linears of nn.TransformerEncoderLayer: its eval-mode fast path reads linear1/linear2's weights directly
-  and would skip the adapter, so wrapping one switches that layer's fast path off (activation_relu_or_gelu = 0,
-  and its encoder's nested-tensor path):
-  the adapter counts in train, eval and no_grad alike. nn.MultiheadAttention's out_proj is refused (its parent
-  reads out_proj.weight directly); targets=None leaves it alone with one warning.
-- A weight shared by several modules (a tied output layer and input embedding) is refused, naming both
-  modules: merging would change both. Untie it first, or leave it out (targets=None leaves the output
-  embedding out, as PEFT does).
-- Also refused: a layer with forward hooks or an instance-level forward (they would not see the adapter), a
-  weight computed by a parametrization (weight_norm, spectral_norm), and the model itself when it is a bare layer.
-- Every check runs before anything changes: a refused call leaves the model as it was.
+- nf4.py's LinearNF4 (QLoRA), by class name: the base term is its own output (its 4-bit W dequantized), adapters
+  float32 by default. merge() is refused (folding ΔW into 4 bits would round it again); merge_lora gives an
+  nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
+- nn.Embedding, by name, as PEFT: A (r, num_embeddings), B (dim, r); the looked-up row of (alpha / r) · (B A)ᵀ is
+  added to W's row, and the padding_idx row stays W's. max_norm and sparse are refused; dropout does not apply.
+- nn.Conv1d/2d/3d, as PEFT: A is a convolution like the base's (kernel, stride, padding, dilation) with r output
+  channels, B a 1×1 one: ΔW = scaling · B ∘ A has W's shape. groups > 1 is refused (W cannot hold a dense ΔW).
+- nn.MultiheadAttention, as PEFT: one A (r, E) and B (3E, r) over the packed in_proj_weight, so Wk is adapted
+  with the paper's Wq and Wv (PEFT's layout: adapters move both ways), and out_proj as a LoRALinear. forward runs
+  the module's own with W + ΔW, so every path sees the update. out_proj alone, and kdim/vdim, are refused.
+- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path (and
+  its encoder's nested tensors) off, so the adapter counts in eval too; merge_lora switches it back on.
+- Refused, each saying what to do instead: a weight tied to another module's (merging would change both: untie
+  it, or leave it out), a layer with forward hooks or an instance forward, a weight computed by a parametrization
+  (weight_norm, ...), the model itself when it is a bare layer, and DoRA on anything but nn.Linear. Every check
+  runs before anything changes: a refused call leaves the model as it was.
+- add_lora freezes only the weights it wraps (mark_only_lora_as_trainable freezes the rest; if most parameters still
+  train at the first training forward, it warns once). BatchNorm's running statistics are not in the adapter.
 
 Guarantees:
-- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises
-  its own weight and as PEFT and loralib do; B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So B A = 0 and
-  training starts at the base model: bit for bit on a CPU in float32; on a GPU the fused addmm of forward may
-  pick another GEMM kernel than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
-  ("gaussian": A ~ N(0, std=1/r), as PEFT's "gaussian".)
-- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the size of the update roughly
-  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to
-  r (scaling 1; PEFT's default is alpha = 8): then each rank wants its own learning rate. use_rslora=True
-  scales by alpha / sqrt(r) instead (Kalajdzievski, 2023, arXiv:2312.03732).
+- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear, PEFT and loralib
+  do ("gaussian": N(0, std=1/r), as PEFT's); B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So training starts
+  at the base model: bit for bit on a CPU in float32; on a GPU forward's fused addmm may pick another GEMM kernel
+  than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
+- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the update's size roughly
+  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to r
+  (scaling 1; PEFT's default is 8). use_rslora=True scales by alpha / sqrt(r) (Kalajdzievski, 2023, arXiv:2312.03732).
 - Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
   Adam updates are not rounded away; forward adds the update to the base's output in float32 and rounds
   once into the base's dtype, and merging forms W + ΔW in float32 and rounds once into W's dtype.
-- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m of shape
-  (out,), initialised to the row norms of W, sets the length of each output row of the adapted weight:
-
-    h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b      (norm over `in`, one per output feature)
-
-  The norm is a constant in backward (paper, section 4.3), as in PEFT.
+- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m (out,),
+  initialised to W's row norms, sets the length of each output row of the adapted weight; the norm is a constant
+  in backward (paper, section 4.3), as in PEFT:   h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b
 - The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
   tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
   `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
@@ -60,7 +56,7 @@ Guarantees:
   layer refuses to train rather than silently train nothing. merge_lora gives back the original module types.
 - lora_state_dict holds every tensor that trained plus the settings to rebuild the wrapping, tensors only
   (torch.load(weights_only=True) and safetensors both carry it); load_lora_state_dict wraps a fresh model itself.
-- Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
+  Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
 
     import lora
     lora.add_lora(model, r=8, targets=["query", "value"])       # use_dora=True for DoRA
@@ -88,7 +84,8 @@ INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRA layer
 SETTINGS = ("lora_alpha", "lora_use_rslora", "lora_dropout")  # per-layer settings saved beside them
-SUPPORTED = "lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding"
+SUPPORTED = ("lora.py wraps nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention: "
+             "target those (print(model) shows them)")
 
 
 # ─── the layer ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -111,38 +108,50 @@ def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype=
         raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
 
 
+TORCH_BASES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
 def _kind(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "nf4" (nf4.py's LinearNF4, whose weight is an
-    NF4Weight module: .dequantize(), .linear(x, b), .shape, .dtype), "embedding", or None if not wrappable."""
-    if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "dequantize", None)):
+    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", "conv" (nn.Conv1d/2d/3d),
+    "mha" (nn.MultiheadAttention), "nf4" (nf4.py's LinearNF4: its weight is an NF4Weight module with .dequantize(),
+    .linear(x, b), .shape, .dtype), or None if not wrappable."""
+    if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "linear", None)):
         return "nf4"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
-            module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None)):
-        return "conv1d"
-    return "embedding" if isinstance(module, nn.Embedding) else None
+    for cls, kind in zip(TORCH_BASES, ("linear", "embedding", "conv", "conv", "conv", "mha")):
+        if isinstance(module, cls):
+            return kind
+    conv1d = type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
+        module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None))
+    return "conv1d" if conv1d else None
 
 
-def _dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a wrappable module: A is (r, in), B is (out, r)."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if _kind(module) in ("linear", "nf4") else (w.shape[0], w.shape[1])
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The weight W that the adapter updates: an nn.MultiheadAttention's is its packed in_proj_weight (3E, E)."""
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+
+
+def _shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
+    """The shapes of A and B, as PEFT stores them: (r, in) and (out, r); a convolution's A has the base's kernel,
+    (r, in, *kernel), and its B is 1×1, (out, r, 1, ...)."""
+    w = _weight(module)
+    out, *rest = w.shape[::-1] if _kind(module) in ("conv1d", "embedding") else w.shape  # W stored (in, out)
+    return (r, *rest), (out, r, *[1] * (len(rest) - 1))
 
 
 def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
     """Raise unless lora.py can wrap `base` exactly: the module, its class and what is supported."""
     if isinstance(base, LoRALayer):
-        raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter "
-                         "(was add_lora run twice, e.g. by re-running a notebook cell?)")
+        raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter (was add_lora "
+                         "run twice, e.g. by re-running a notebook cell?): start from a fresh model, or merge_lora it")
     kind, cls = _kind(base), type(base).__name__
     if kind is None:
         raise TypeError(f"{name} is a {cls}; {SUPPORTED}")
-    own = {"linear": nn.Linear, "embedding": nn.Embedding}.get(kind)
+    own = next((c for c in type(base).__mro__ if c in TORCH_BASES), None)
     if own is not None and type(base).forward is not own.forward:
         raise TypeError(f"{name} is a {cls}, a subclass of nn.{own.__name__} with its own forward (a quantized "
-                        f"layer, say): its output is not what lora.py would compute from its .weight, and merging "
-                        f"into that weight would not be either; {SUPPORTED} with their own forward")
+                        f"layer, say): its output is not what lora.py computes from its .weight, and merging into "
+                        f"that weight would not be either; lora.py wraps nn.{own.__name__} and subclasses that keep "
+                        f"its forward: adapt the layer before replacing it, or leave it out of targets")
     hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
              if getattr(base, h, None)] + (["an instance forward"] if "forward" in base.__dict__ else [])
     if hooks:
@@ -154,12 +163,22 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
     if kind == "embedding" and (base.max_norm is not None or base.sparse):
         raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
                         "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
-                        "lora.py wraps embeddings without them")
+                        "lora.py wraps embeddings without them: leave it out of targets")
+    if kind == "conv" and base.groups > 1:
+        raise TypeError(f"{name} is a {cls} with groups={base.groups}: B ∘ A is a dense (out, in, *kernel) update that "
+                        f"its grouped weight (out, in / {base.groups}, *kernel) cannot hold, so it could not merge; "
+                        "leave it out of targets and adapt the ungrouped convolutions beside it (the 1×1 ones)")
+    if kind == "mha" and not base._qkv_same_embed_dim:
+        raise TypeError(f"{name} is an nn.MultiheadAttention with kdim or vdim unlike embed_dim, so q, k and v have "
+                        "separate weights; lora.py (as PEFT) adapts the packed in_proj_weight: leave it out of targets")
+    if kind == "mha":
+        _check_base(base.out_proj, f"{name}'s out_proj")
     if use_dora and kind != "linear":
-        raise TypeError(f"{name} is a {cls}: use_dora=True wraps nn.Linear only")
+        raise TypeError(f"{name} is a {cls}: use_dora=True wraps nn.Linear only (its row norms are those of a matrix "
+                        "W); add this layer in a second add_lora call with use_dora=False, or leave it out of targets")
     if use_dora and not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
         raise ValueError(f"{name} has all-zero rows {zero.nonzero().flatten()[:10].tolist()} in its weight; DoRA "
-                         "divides each row by its norm, so use_dora=True needs every row non-zero")
+                         "divides each row by its norm: wrap this layer with use_dora=False, or leave it out")
 
 
 class LoRALayer(nn.Module):
@@ -171,15 +190,15 @@ class LoRALayer(nn.Module):
         super().__init__()
         _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         _check_base(base, use_dora=use_dora)
-        if not isinstance(self, want := LoRAEmbedding if _kind(base) == "embedding" else LoRALinear):
+        if not isinstance(self, want := LAYERS[_kind(base)]):
             raise TypeError(f"base is a {type(base).__name__}: wrap it with {want.__name__} (add_lora picks it)")
-        in_features, out_features = _dims(base)
-        if r > min(in_features, out_features):
-            warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): "
-                          f"the update B A has rank at most {min(in_features, out_features)}, so the extra "
-                          "parameters add no expressiveness", stacklevel=3)
-        self.kind = _kind(base)  # "linear", "conv1d", "nf4" or "embedding"
-        self.transposed = self.kind not in ("linear", "nf4")  # W stored (in, out) (Conv1D, Embedding): ΔW = (s B A)ᵀ
+        a_shape, b_shape = _shapes(base, r)
+        in_features, out_features = math.prod(a_shape[1:]), b_shape[0]
+        if r > (most := min(in_features, out_features)):
+            warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): B A has "
+                          f"rank at most {most}, so the extra parameters add no expressiveness", stacklevel=3)
+        self.kind = _kind(base)
+        self.transposed = self.kind in ("conv1d", "embedding")  # W stored (in, out): ΔW is (s · B A)ᵀ
         self.r = int(r)
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
@@ -194,18 +213,17 @@ class LoRALayer(nn.Module):
         skeleton._parameters = dict.fromkeys(base._parameters)
         self.__dict__["base_skeleton"] = skeleton
 
-        # The base's own Parameters, not copies: same names in state_dict, no extra memory.
-        self.weight = base.weight  # (out, in); (in, out) if transposed
-        self.bias = getattr(base, "bias", None)  # (out,) or None
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        # The base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra memory.
+        for n, p in base._parameters.items():
+            setattr(self, n, p if p is None else p.requires_grad_(False))
+        if self.kind == "nf4":  # its W is a module (the 4-bit codes and their scales): kept, under the same names
+            self.weight = base.weight
         if adapter_dtype is None:  # float32 adapters on a half-precision base, as PEFT: see the module docstring
             half = self.weight.dtype in (torch.float16, torch.bfloat16)
             adapter_dtype = torch.float32 if half else self.weight.dtype
         factory = dict(device=self.weight.device, dtype=adapter_dtype)
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))   # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(out_features, self.r, **factory))  # (out, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))  # (r, in); a convolution's (r, in, *kernel)
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))  # (out, r); a convolution's (out, r, 1, ...)
         self._init_adapter(init)
         # DoRA, while merged: the norm merge() divided by, so that unmerge() can undo it. Saved only when merged.
         self.register_buffer("merged_norm", None, persistent=False)
@@ -244,9 +262,15 @@ class LoRALayer(nn.Module):
         return self._precise_delta_weight().to(self.weight.dtype)
 
     def _precise_delta_weight(self) -> torch.Tensor:
-        B, A = self.lora_B.to(self._precise), self.lora_A.to(self._precise)
-        delta = self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in)
-        return delta.T if self.transposed else delta
+        B, A = self.lora_B.to(self._precise).flatten(1), self.lora_A.to(self._precise).flatten(1)
+        delta = self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in); a convolution's in is in · kernel
+        return delta.T if self.transposed else delta.view(self.weight.shape)
+
+    def _adapted_weight(self) -> torch.Tensor:
+        """W + ΔW rounded once to W's dtype, differentiable in A and B: for a parent that reads W itself."""
+        if self.merged or not self.enabled:
+            return self.weight
+        return (self.weight.to(self._precise) + self._precise_delta_weight()).to(self.weight.dtype)
 
     @torch.no_grad()
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -267,8 +291,8 @@ class LoRALayer(nn.Module):
         merged = merged.to(self.weight.dtype)  # checked after the cast: float16 overflows at 65504
         if not torch.isfinite(merged).all():
             raise ValueError(f"merging would put NaN or Inf into the {self.weight.dtype} weight; lora_A or lora_B "
-                             f"has diverged (|A|max={self.lora_A.abs().max().item():g}, "
-                             f"|B|max={self.lora_B.abs().max().item():g})")
+                             f"has diverged (|A|max={self.lora_A.abs().max().item():g}, |B|max="
+                             f"{self.lora_B.abs().max().item():g}): retrain at a lower rate, or load an earlier one")
         return merged, norm
 
     def merged_weight(self) -> torch.Tensor:
@@ -327,7 +351,8 @@ class LoRALayer(nn.Module):
         loads_weight = prefix + "weight" in state_dict
         merged = flags[0] in state_dict
         if loads_weight and merged and self.use_dora and flags[1] not in state_dict:
-            error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge it")
+            error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge "
+                              "it (save the layer unmerged)")
             return
         if self.merged and not loads_weight and any(prefix + n in state_dict for n in ADAPTER_NAMES):
             error_msgs.append(f"layer {prefix[:-1]!r} is merged: loading its adapter without its weight would "
@@ -440,6 +465,7 @@ class LoRAEmbedding(LoRALayer):
     Args: as LoRALinear (base an nn.Embedding); `dropout` is kept for saving but not applied (indices cannot be
     dropped out, as in PEFT), `init` has no effect, and use_dora is refused.
     """
+    bias = None
 
     def _init_adapter(self, init: str) -> None:
         nn.init.zeros_(self.lora_A)
@@ -458,6 +484,57 @@ class LoRAEmbedding(LoRALayer):
         h = self._base(x)  # (..., dim)
         after_a = F.embedding(x, self.lora_A.T, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
         return (h + after_a @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) @ (r, dim) -> (..., dim)
+
+
+class LoRAConv(LoRALayer):
+    """nn.Conv1d/2d/3d with a frozen W (out, in, *kernel) plus A, a convolution like the base's with r output
+    channels, then B, a 1×1 one (see the module docstring). Args: as LoRALinear; use_dora is refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = conv(x, W) + b + (alpha / r) · B ∘ A (dropout(x))."""
+        conv = self.base_skeleton._conv_forward  # the base's stride, padding (and its mode), dilation
+        h = conv(x, self.weight, self.bias)  # (N, in, *size) -> (N, out, *size')
+        if self.merged or not self.enabled:
+            self._check_not_training_merged()
+            return h
+        x_drop = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        u = conv(x_drop.to(self.lora_A.dtype), self.lora_A, None)  # (N, in, *size) -> (N, r, *size')
+        delta = (F.conv1d, F.conv2d, F.conv3d)[u.dim() - 3](u, self.lora_B)  # 1×1: (N, r, *size') -> (N, out, *size')
+        return (h + delta * self.scaling).to(h.dtype)
+
+
+class LoRAMultiheadAttention(LoRALayer):
+    """nn.MultiheadAttention with A (r, E), B (3E, r) over in_proj_weight (3E, E: Wq, Wk, Wv stacked) and a
+    LoRALinear as out_proj, as PEFT. The module reads its weights itself (its fast path too), so forward runs its
+    own forward with W + ΔW in their place: every path (training, eval, fast path, need_weights, masks) computes
+    what the module computes with the adapted weights, and gradients reach A and B. Dropout does not apply (as in
+    PEFT): the update is in W. Args: as LoRALinear; use_dora is refused."""
+
+    weight = property(lambda self: self.in_proj_weight)  # W: (3E, E)
+    bias = property(lambda self: self.in_proj_bias)  # (3E,) or None
+
+    def __init__(self, base: nn.MultiheadAttention, *args, **kwargs):
+        super().__init__(base, *args, **kwargs)
+        self.out_proj = LoRALinear(base.out_proj, *args, **kwargs)
+
+    def __getattr__(self, name: str):  # embed_dim, batch_first, ...: what PyTorch's layers read off self_attn
+        base = self.__dict__.get("base_skeleton")
+        if base is not None and (name in base.__dict__ or hasattr(type(base), name)):
+            return getattr(base, name)
+        return super().__getattr__(name)
+
+    def forward(self, *args, **kwargs):
+        """nn.MultiheadAttention's forward, with W + ΔW for in_proj_weight and out_proj.weight."""
+        self._check_not_training_merged()
+        self.out_proj._check_not_training_merged()
+        weights = {n: p for n, p in self._parameters.items() if p is not None and n not in ADAPTER_NAMES}
+        weights |= {"in_proj_weight": self._adapted_weight(), "out_proj.weight": self.out_proj._adapted_weight(),
+                    "out_proj.bias": self.out_proj.bias}
+        return torch.func.functional_call(self.base_skeleton.train(self.training), weights, args, kwargs)
+
+
+LAYERS = {"linear": LoRALinear, "conv1d": LoRALinear, "embedding": LoRAEmbedding, "conv": LoRAConv,
+          "mha": LoRAMultiheadAttention, "nf4": LoRALinear}
 
 
 # ─── adding and freezing ──────────────────────────────────────────────────────────────────────────────────────
@@ -511,9 +588,10 @@ def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why
     label = f"module {name!r}{why}"
     if isinstance(parent, nn.MultiheadAttention):
         raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
-                        "would silently ignore the adapter; target other layers")
+                        f"would ignore an adapter there; target the attention itself ({name.rpartition('.')[0]!r}): "
+                        "lora.py adapts its in_proj and out_proj together")
     _check_base(module, name=label, use_dora=use_dora)
-    if len(tied := [n for n in owners.get(id(module.weight), []) if n != name]):
+    if len(tied := [n for n in owners.get(id(_weight(module)), []) if n != name]):
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
@@ -528,12 +606,11 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
         r: the rank of each update B A (paper, section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv).
         alpha: scaling = alpha / r (section 4.1); None means alpha = r, scaling 1. PEFT's default is alpha = 8:
             pass alpha=8 to match a LoraConfig that does not set lora_alpha.
-        targets: None takes what PEFT's target_modules="all-linear" takes: every nn.Linear and transformers'
-            Conv1D except the module model.get_output_embeddings() returns (where the model has that method);
-            an nn.MultiheadAttention's out_proj is left alone with a warning. Else a name or list of names, each
-            an exact qualified name ("encoder.0.query"), its dotted end as in PEFT ("query", "attention.self.query")
-            or a glob ("layers.*.attn.q_proj"); these may also name nn.Embedding layers. Every target must match
-            something, and everything it matches must be wrappable (see the module docstring).
+        targets: None takes every nn.Linear, Conv1D, nn.Conv1d/2d/3d and nn.MultiheadAttention but the module
+            model.get_output_embeddings() returns (on a transformer: PEFT's target_modules="all-linear"), and warns
+            naming the kinds of layer it left out. Else a name or list of names, each an exact qualified name
+            ("encoder.0.query"), its dotted end as in PEFT ("query") or a glob ("layers.*.attn.q_proj"); these may
+            also name nn.Embedding layers. Every target must match something, and all it matches must be wrappable.
         dropout: dropout on the adapter's input (the paper's code); not applied to embeddings.
         init: "kaiming" or "gaussian" initialisation of A; B starts at zero (section 4.1).
         use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
@@ -544,18 +621,29 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
     modules = dict(model.named_modules())
     if any(isinstance(m, LoRALayer) for m in modules.values()) and targets is None:
         raise ValueError("model already carries LoRA layers; add_lora(targets=None) would stack a second adapter "
-                         f"on them: {[n for n, _ in lora_layers(model)]}")
+                         f"on them: {[n for n, _ in lora_layers(model)]}; name the new layers in targets")
     owners = _owners(model)
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
         output = get_out() if callable(get_out) else None
-        names = [n for n, m in modules.items() if _kind(m) in ("linear", "conv1d", "nf4") and m is not output]
-        if skipped := [n for n in names if isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention)]:
-            warnings.warn(f"targets=None leaves {skipped} alone: an nn.MultiheadAttention reads its out_proj's "
-                          "weight directly, so an adapter there would be ignored", stacklevel=2)
-            names = [n for n in names if n not in skipped]
+        names, left_out = [], {}
+        for n, m in modules.items():
+            kind, cls = _kind(m), type(m).__name__
+            why = (f"{cls} with groups > 1" if kind == "conv" and m.groups > 1 else
+                   f"{cls} with kdim or vdim" if kind == "mha" and not m._qkv_same_embed_dim else
+                   f"{cls} (use_dora=True)" if use_dora and kind not in (None, "linear", "embedding") else
+                   cls if kind is None and not m._modules and any(
+                       p is not None and p.dim() > 1 for p in m._parameters.values()) else None)
+            if why:
+                left_out[why] = left_out.get(why, 0) + 1
+            elif kind not in (None, "embedding") and m is not output and \
+                    not isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention):  # its out_proj: with it
+                names.append(n)
+        if left_out:
+            warnings.warn(f"targets=None left out layers that lora.py does not wrap, by kind and count: {left_out}; "
+                          "name one in targets to see why", stacklevel=2)
         if not names:
-            raise ValueError(f"model has no nn.Linear or Conv1D to wrap ({type(model).__name__})")
+            raise ValueError(f"model ({type(model).__name__}) has no layer that targets=None takes; {SUPPORTED}")
         for n in names:
             _check_target(model, n, owners, use_dora)
     else:
@@ -564,20 +652,40 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
             _check_target(model, n, owners, use_dora, why=" (matched by targets)")
     for n in names:  # all checks passed: now change the model
         _wrap(model, n, modules[n], r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+    if _warn_if_mostly_trainable not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_warn_if_mostly_trainable)
     return names
 
 
+def _warn_if_mostly_trainable(model: nn.Module, args) -> None:
+    """A hook add_lora leaves on the model: at its first training forward, warn once if most parameters train."""
+    if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        for key in [k for k, h in model._forward_pre_hooks.items() if h is _warn_if_mostly_trainable]:
+            del model._forward_pre_hooks[key]
+        trainable, total = count_parameters(model)
+        total += sum(m.shape.numel() for m in model.modules() if type(m).__name__ == "NF4Weight")  # frozen, 4-bit
+        if trainable > total / 2:
+            warnings.warn(f"{trainable:,} of the model's {total:,} parameters train: add_lora froze only the weights "
+                          "it wrapped. Call lora.mark_only_lora_as_trainable(model) before training (modules_to_save="
+                          "[...] for a new head), unless you mean to train them all", stacklevel=5)
+
+
 def _wrap(model: nn.Module, name: str, module: nn.Module, *args) -> LoRALayer:
-    cls = LoRAEmbedding if _kind(module) == "embedding" else LoRALinear
-    layer = cls(module, *args)
+    layer = LAYERS[_kind(module)](module, *args)
     parent = model.get_submodule(name.rpartition(".")[0])
     if isinstance(parent, nn.TransformerEncoderLayer):  # its eval fast path would read W directly, skipping us
-        parent.activation_relu_or_gelu = 0  # the slow path uses parent.activation itself: same function
+        _switch_off(parent, "activation_relu_or_gelu", 0)  # the slow path uses parent.activation: same function
         for encoder in model.modules():  # its encoder's nested-tensor path checks layers[0] only: off too
             if isinstance(encoder, nn.TransformerEncoder) and any(m is parent for m in encoder.layers):
-                encoder.use_nested_tensor = False
+                _switch_off(encoder, "use_nested_tensor", False)
     _set_submodule(model, name, layer)
     return layer
+
+
+def _switch_off(module: nn.Module, flag: str, value) -> None:
+    """Set one of PyTorch's fast-path flags, keeping its first value for merge_lora to restore."""
+    module.__dict__.setdefault("lora_fast_path_flags", {}).setdefault(flag, getattr(module, flag))
+    setattr(module, flag, value)
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
@@ -589,7 +697,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
     if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
-        raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full")
+        raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full; name it "
+                         "in add_lora's targets or in modules_to_save, not both")
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES or
                          (bias == "all" and name.rsplit(".", 1)[-1] == "bias"))
@@ -664,7 +773,7 @@ def _saved_layers(state_dict: dict) -> dict[str, dict[str, torch.Tensor]]:
             layers.setdefault(path, {})[leaf] = v
     for path, got in layers.items():
         if missing := [k for k in ("lora_A", "lora_B", "lora_alpha", "lora_use_rslora") if k not in got]:
-            raise KeyError(f"adapter state_dict: layer {path!r} lacks {missing}")
+            raise KeyError(f"adapter state_dict: layer {path!r} lacks {missing}: save with lora.lora_state_dict")
     return layers
 
 
@@ -690,6 +799,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     modules = dict(model.named_modules())
     if not saved:
         raise KeyError("the state_dict holds no lora_A / lora_B tensors: it is not an adapter from lora_state_dict")
+    tops = [p for p in saved if not (p.rpartition(".")[0] in saved and  # an attention's out_proj comes with it
+                                     _kind(modules.get(p.rpartition(".")[0])) == "mha")]
     if own and set(own) != set(saved):
         raise KeyError(f"the model's LoRA layers are not the adapter's: the model lacks {sorted(set(saved) - set(own))}"
                        f", the adapter lacks {sorted(set(own) - set(saved))} (was add_lora called with the same "
@@ -699,10 +810,12 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             raise ValueError(f"layers {old} were saved by an older lora.py that did not record dropout: call "
                              "add_lora(model, ...) with the settings they were trained with, then load")
         if absent := [p for p in saved if p not in modules]:
-            raise KeyError(f"the adapter has layers {absent}, which the model lacks")
+            raise KeyError(f"the adapter has layers {absent}, which the model lacks: load it into the model it was "
+                           "trained on")
         owners = _owners(model)
         for path, got in saved.items():
-            _check_target(model, path, owners, "lora_magnitude" in got, why=" (in the adapter)")
+            if path in tops:
+                _check_target(model, path, owners, "lora_magnitude" in got, why=" (in the adapter)")
             s = _layer_settings(got)
             try:
                 _check_hparams(s["r"], s["alpha"], s["dropout"], "kaiming", s["use_rslora"], s["use_dora"],
@@ -712,15 +825,17 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     others = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ADAPTER_NAMES + SETTINGS}
     params = model.state_dict()
     if unexpected := sorted(k for k in others if k not in params):
-        raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}")
+        raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}; load it into the "
+                       "model it was trained on")
     for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
         r = own[path].r if own else got["lora_A"].shape[0]
-        in_f, out_f = (own[path].in_features, own[path].out_features) if own else _dims(modules[path])
-        want = {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_magnitude": (out_f,)}
+        want = dict(zip(("lora_A", "lora_B"), (tuple(own[path].lora_A.shape), tuple(own[path].lora_B.shape)) if own else
+                        _shapes(modules[path], r)))
+        want["lora_magnitude"] = want["lora_B"][:1]
         for k in ADAPTER_NAMES:
-            if k in got and tuple(got[k].shape) != want[k]:
+            if k in got and tuple(got[k].shape) != tuple(want[k]):
                 raise ValueError(f"layer {path!r}: the adapter's {k} has shape {tuple(got[k].shape)}, but this "
-                                 f"{in_f} -> {out_f} layer at r={r} needs {want[k]} (the adapter has r="
+                                 f"layer at r={r} needs {want[k]} (the adapter has r="
                                  f"{got['lora_A'].shape[0]}: add_lora with that r, or load into a model without LoRA)")
     for k, v in others.items():
         if v.shape != params[k].shape:
@@ -738,10 +853,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
 
     if not own:  # all checks passed: now change the model, and let train what trained
-        for path in (n for n in modules if n in saved):
+        for path in (n for n in modules if n in tops):
             s = _layer_settings(saved[path])
-            own[path] = _wrap(model, path, modules[path], s["r"], s["alpha"], s["dropout"], "kaiming",
-                              s["use_rslora"], s["use_dora"], s["adapter_dtype"])
+            _wrap(model, path, modules[path], s["r"], s["alpha"], s["dropout"], "kaiming", s["use_rslora"],
+                  s["use_dora"], s["adapter_dtype"])
+        own = dict(lora_layers(model))
         for n, p in model.named_parameters():
             p.requires_grad_(n.rpartition(".")[2] in ADAPTER_NAMES or n in others)
     for path, got in saved.items():
@@ -772,17 +888,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, layer in layers:
             if layer.kind == "nf4":  # a plain nn.Linear: dequantized W + ΔW, never the W before quantization
                 base = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-                base.weight = nn.Parameter(layer._fold()[0], requires_grad=False)
+                base.weight, base.bias = nn.Parameter(layer._fold()[0], requires_grad=False), layer.bias
             else:
                 if not layer.merged:
                     layer.weight.copy_(layer._fold()[0])
                 base = copy.copy(layer.base_skeleton)
-                base._parameters = dict(base._parameters)
-                base.weight = layer.weight
-            if "bias" in base._parameters:
-                base.bias = layer.bias
+                base._parameters = {n: layer._parameters.get(n) for n in base._parameters}
+                base._modules = {n: getattr(layer, n) for n in base._modules}  # an attention's out_proj: next
             base.train(layer.training)
             _set_submodule(model, name, base)
+    for m in model.modules():  # no adapter remains: PyTorch's fast path again, where _wrap switched it off
+        m.__dict__.update(m.__dict__.pop("lora_fast_path_flags", {}))
     return model
 
 

@@ -20,6 +20,9 @@ import lora
 #   base_model.model.<path>.lora_A.weight  (r, in)     base_model.model.<path>.lora_B.weight  (out, r)
 #   base_model.model.<path>.lora_magnitude_vector (out,), for DoRA
 #   base_model.model.<path>.lora_embedding_A  (r, num_embeddings)   .lora_embedding_B  (dim, r), for nn.Embedding
+#   a convolution's lora_A.weight (r, in, *kernel) and lora_B.weight (out, r, 1, ...), as lora.py holds them
+#   an nn.MultiheadAttention's <path>.lora_A.weight (r, E), .lora_B.weight (3E, r) over in_proj_weight, and its
+#   out_proj's <path>.base_layer.out_proj.lora_A.weight ...: PEFT's target_modules name the attention only
 # transformers' Conv1D (GPT-2) stores W as (in, out): PEFT's config says fan_in_fan_out=True; A and B keep the
 # shapes above, and PEFT itself sets fan_in_fan_out per layer from its type, so we write True when any layer is a
 # Conv1D and read it from each layer's type.
@@ -48,6 +51,12 @@ def _peft_selects(targets: str | list[str], name: str) -> bool:
 def _peft_pattern(patterns: dict, name: str, default):
     """The value PEFT's rank_pattern or alpha_pattern gives module `name`: the first key matching its end."""
     return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+def _attention_part(model: nn.Module, name: str) -> bool:
+    """Whether module `name` is an nn.MultiheadAttention's out_proj, whose adapter comes with the attention's."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    return isinstance(parent, (nn.MultiheadAttention, lora.LoRAMultiheadAttention))
 
 
 def _peft_trained(model: nn.Module, layers: dict[str, lora.LoRALayer]) -> tuple[str, list[str]]:
@@ -89,6 +98,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("model has no LoRA layers to save (call lora.add_lora first)")
     if merged := [n for n, layer in layers.items() if layer.merged]:
         raise ValueError(f"layers {merged} are merged, so their weight is not the base model's: unmerge() them")
+    if odd := [n for n, layer in layers.items() if isinstance(layer, lora.LoRAConv) and (
+            set(layer.base_skeleton.dilation) != {1} or layer.base_skeleton.padding_mode != "zeros")]:
+        raise ValueError(f"convolutions {odd} are dilated or pad other than with zeros, which PEFT's lora_A drops "
+                         "(PEFT would compute another function, or fail): save them with lora.lora_state_dict")
     for setting in ("use_rslora", "use_dora", "dropout"):
         if len({getattr(layer, setting) for layer in layers.values()}) > 1:
             raise ValueError(f"PEFT's format holds one {setting} for all layers, but they differ: "
@@ -98,9 +111,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     for t in modules_to_save:
         if others := [n for n in names if n.endswith(t) and n != t]:
             raise ValueError(f"PEFT picks modules_to_save by the end of the name, so {t!r} would also pick {others}")
-    targets = list(layers)
-    if {n for n in names if _peft_selects(targets, n)} != set(targets):  # a name is the dotted end of another
-        targets = "(" + "|".join(map(re.escape, layers)) + ")"
+    parts = {n for n in layers if _attention_part(model, n)}
+    targets = [n for n in layers if n not in parts]
+    if {n for n in names if _peft_selects(targets, n)} != set(targets) | parts:  # a name is the dotted end of another
+        targets = "(" + "|".join(map(re.escape, targets)) + ")"
     ranks, alphas = [layer.r for layer in layers.values()], [layer.alpha for layer in layers.values()]
     r, alpha = max(ranks, key=ranks.count), max(alphas, key=alphas.count)
     number = lambda a: int(a) if float(a).is_integer() else a
@@ -110,11 +124,13 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
               "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": bias,
               "modules_to_save": modules_to_save or None, "init_lora_weights": True,
               "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
-              "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r},
+              "rank_pattern": {"^" + re.escape(n): layer.r for n, layer in layers.items()
+                               if layer.r != r and n not in parts},
               "alpha_pattern": {"^" + re.escape(n): number(layer.alpha) for n, layer in layers.items()
-                                if layer.alpha != alpha}}
+                                if layer.alpha != alpha and n not in parts}}
     tensors = {}
     for n, layer in layers.items():
+        n = n.removesuffix("out_proj") + "base_layer.out_proj" if n in parts else n
         a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, lora.LoRAEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{n}.{a}"], tensors[f"{n}.{b}"] = layer.lora_A, layer.lora_B
@@ -161,8 +177,8 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
         k = key[len(PEFT_PREFIX):]
         suffix = next((s for s in parts if k.endswith(s)), None)
         owner = next((m for m in to_save if k.startswith(m + ".")), None)
-        if suffix is not None:
-            adapters.setdefault(k[:-len(suffix)], {})[parts[suffix]] = t
+        if suffix is not None:  # an attention's out_proj: <path>.base_layer.out_proj, ours <path>.out_proj
+            adapters.setdefault(k[:-len(suffix)].replace(".base_layer.out_proj", ".out_proj"), {})[parts[suffix]] = t
         elif owner is not None and k[len(owner) + 1:].startswith(("modules_to_save.", "original_module.")):
             continue  # PEFT's bias="all" also writes these copies of the module's biases
         elif k.endswith(".base_layer.weight"):  # PEFT saves an adapted embedding's table (new tokens): load it
@@ -183,12 +199,15 @@ def _sort_peft_tensors(tensors: dict, to_save: list[str], config: dict) -> tuple
     return adapters, loads
 
 
-def _check_peft_layer(model: nn.Module, owners: dict, name: str, got: dict, config: dict) -> tuple[int, float]:
+def _check_peft_layer(model: nn.Module, owners: dict, name: str, got: dict, config: dict,
+                      adapters: dict) -> tuple[int, float]:
     """(r, alpha) for LoRA module `name` of the adapter, after checking that the model can take it."""
     use_dora, targets, modules = bool(config.get("use_dora")), config.get("target_modules"), dict(model.named_modules())
     if name not in modules:
         raise ValueError(f"the adapter has tensors for module {name!r}, which the model lacks")
-    lora._check_target(model, name, owners, use_dora, why=" (in the adapter)")
+    part = _attention_part(model, name) and name.rpartition(".")[0] in adapters
+    if not part:
+        lora._check_target(model, name, owners, use_dora, why=" (in the adapter)")
     need = ("lora_A", "lora_B", "lora_magnitude") if use_dora else ("lora_A", "lora_B")
     if missing := [p for p in need if p not in got]:
         raise ValueError(f"module {name!r}: the adapter lacks its {missing} (use_dora={use_dora})")
@@ -196,18 +215,18 @@ def _check_peft_layer(model: nn.Module, owners: dict, name: str, got: dict, conf
         raise ValueError(f"module {name!r}: the adapter has {extra}, which use_dora={use_dora} does not use")
     r = _peft_pattern(config.get("rank_pattern") or {}, name, config.get("r", 8))
     alpha = _peft_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-    in_features, out_features = lora._dims(modules[name])
-    shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r), "lora_magnitude": (out_features,)}
+    shapes = dict(zip(("lora_A", "lora_B"), lora._shapes(modules[name], r)))
+    shapes["lora_magnitude"] = shapes["lora_B"][:1]
     for p, t in got.items():
         if tuple(t.shape) != shapes[p]:
-            raise ValueError(f"module {name!r}: {p} has shape {tuple(t.shape)}, but r={r} and the layer's "
-                             f"{in_features} -> {out_features} need {shapes[p]}")
+            raise ValueError(f"module {name!r}: {p} has shape {tuple(t.shape)}, but r={r} and the layer need "
+                             f"{shapes[p]}")
     try:
         lora._check_hparams(r, alpha, config.get("lora_dropout", 0.0), "kaiming", bool(config.get("use_rslora")),
                        use_dora)
     except ValueError as e:
         raise ValueError(f"module {name!r}: {e}") from None
-    if targets not in (None, "all-linear") and not _peft_selects(targets, name):
+    if targets not in (None, "all-linear") and not part and not _peft_selects(targets, name):
         raise ValueError(f"the adapter has tensors for {name!r}, which its target_modules {targets!r} do not select")
     if config.get("exclude_modules") and _peft_selects(config["exclude_modules"], name):
         raise ValueError(f"the adapter has tensors for {name!r}, which its exclude_modules select")
@@ -234,8 +253,9 @@ def _check_peft_coverage(model: nn.Module, adapters: dict, loads: dict, to_save:
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load a PEFT LoRA/DoRA adapter folder into a model without LoRA; returns the wrapped names in module order.
 
-    nn.Linear, transformers' Conv1D (fan_in_fan_out) and nn.Embedding (lora_embedding_A/B) layers; adapters saved
-    in float16/bfloat16 load as float32 (lora.py's adapter dtype on a float32 or half-precision base).
+    nn.Linear, transformers' Conv1D (fan_in_fan_out), nn.Embedding (lora_embedding_A/B), convolutions and
+    nn.MultiheadAttention (with its out_proj) layers; adapters saved in float16/bfloat16 load as float32 (lora.py's
+    adapter dtype on a float32 or half-precision base).
 
     Wraps the layers the adapter has tensors for and loads A, B, DoRA's magnitudes, biases and modules_to_save;
     then leaves trainable what PEFT's get_peft_model would (adapters, the biases of `bias`, modules_to_save).
@@ -254,17 +274,19 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     to_save = [n for n in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
     adapters, loads = _sort_peft_tensors(tensors, to_save, config)
     owners = lora._owners(model)
-    hparams = {name: _check_peft_layer(model, owners, name, got, config) for name, got in adapters.items()}
+    hparams = {name: _check_peft_layer(model, owners, name, got, config, adapters) for name, got in adapters.items()}
     _check_peft_coverage(model, adapters, loads, to_save, config)
 
     names = [n for n in modules if n in adapters]  # all checks passed: now change the model
     state = model.state_dict()
     with torch.no_grad():
         for n in names:  # half-precision adapters become float32 ones on a float32 base, as on a half one
-            layer = lora._wrap(model, n, modules[n], *hparams[n], config.get("lora_dropout", 0.0), "kaiming",
-                               bool(config.get("use_rslora")), bool(config.get("use_dora")), None)
+            if not _attention_part(model, n):  # an out_proj is wrapped with its attention
+                lora._wrap(model, n, modules[n], *hparams[n], config.get("lora_dropout", 0.0), "kaiming",
+                           bool(config.get("use_rslora")), bool(config.get("use_dora")), None)
+        for n in names:
             for p, t in adapters[n].items():
-                getattr(layer, p).copy_(t)
+                getattr(model.get_submodule(n), p).copy_(t)
         for k, t in loads.items():
             state[k].copy_(t)
     lora.mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))

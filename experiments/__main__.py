@@ -8,6 +8,7 @@ number a mean over seeds.
     python -m experiments readme --experiment mlp   # the table of results.csv -> README.md
     python -m experiments tune --experiment transformer   # the same for the row transformer; text: MiniLM (a GPU job)
     python -m experiments has-gpu --experiment text # `make run`: exit 0 where the experiment runs, else say why not
+    python -m experiments compare --experiment mlp  # did this run reproduce the committed table? (compare.py)
 """
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import protocol, report, storage
+from . import compare, protocol, report, storage
 from .methods import resolve_device
 from .mnist.config import Config
 from .mnist.experiment import MnistExperiment
@@ -43,9 +44,9 @@ def make_experiment(name: str, device, quick: bool = False, seeds: int | None = 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("phase", choices=["tune", "sweep", "readme", "has-gpu"],
+    p.add_argument("phase", choices=["tune", "sweep", "readme", "has-gpu", "compare"],
                    help="tune: choose learning rates; sweep: run and report; readme: put the results into README.md;"
-                        "\nhas-gpu: exit 0 where the experiment can run")
+                        "\nhas-gpu: exit 0 where the experiment can run; compare: these results against --against")
     p.add_argument("--experiment", choices=EXPERIMENTS, default="mlp", help="which experiment (default mlp)")
     p.add_argument("--seeds", type=int, help="seeds to report (default: the experiment's config)")
     p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: the experiment's config)")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="the tiny config of the tests")
     p.add_argument("--out", type=Path, default=storage.ROOT, help="where results go (default: the repo)")
     p.add_argument("--task", choices=TASKS, nargs="+", default=list(TASKS), help="text only: which tasks (default all)")
+    p.add_argument("--against", default="HEAD", help="compare: a git revision (default HEAD, the committed files) or "
+                                                     "a folder holding another run's results")
     args = p.parse_args(argv)
     tasks = args.task if args.experiment == "text" else [TASKS[0]]
     try:
@@ -73,6 +76,16 @@ def main(argv: list[str] | None = None) -> None:
 def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protocol.Experiment) -> None:
     """One phase of the command line for one experiment (the text experiment has one per task)."""
     out = storage.Outputs(exp.name, args.out)
+    if args.phase == "compare":
+        try:
+            if Path(args.against).is_dir():
+                text, table = compare.compare(storage.Outputs(exp.name, Path(args.against)), out)
+            else:
+                text, table = compare.against_revision(exp.name, args.against, args.out)
+        except FileNotFoundError as e:
+            p.error(str(e))
+        print(text + ("\n\n" + compare.markdown(table) if len(table) else ""))
+        return
     if args.phase == "has-gpu":
         if (why := exp.skip_without_gpu(out)) is not None:
             print(why)

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure  # not pyplot: no global figure state, no s
 
 from .methods import TARGET_SET_LABELS
 from .report import accuracy_column, method_label
+from .stats import MARGIN
 
 COLORS = ("tab:blue", "tab:orange", "tab:purple")  # one per LoRA series; the linear probe is red
 
@@ -34,15 +35,18 @@ def log_params_axis(ax) -> None:
 
 
 def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str]) -> None:
-    """Each row's paired difference to full finetuning in points with its 95% interval, the first row on top."""
+    """Each row's paired difference to full finetuning in points with its 95% interval (seeds' and test set's
+    noise, stats.py), the first row on top; the band is the ±1 point that "matches" asks an interval to lie in."""
     y = range(len(rows), 0, -1)
     diff, low, high = (100 * rows[c].to_numpy() for c in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high"))
+    ax.axvspan(-100 * MARGIN, 100 * MARGIN, color="tab:green", alpha=0.1, lw=0)
     for yi, d, lo, hi, color in zip(y, diff, low, high, colors):
         ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
     ax.axvline(0, color="tab:green", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
-    ax.set_xlabel("test accuracy − full finetuning's, same seed (points)")
-    ax.set_title("paired difference to full finetuning, 95% interval", fontsize=10)
+    ax.set_xlabel("test accuracy − full finetuning's, same seed (points); shaded: ±1 point")
+    ax.set_title("paired difference to full finetuning, 95% interval\n(noise of the seeds and of the test set)",
+                 fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
 
@@ -60,6 +64,11 @@ def side_by_side(xs: list[pd.Series], step: float = 1.08) -> list[list[float]]:
             group = []
         group.append((x, s, i))
     return out
+
+
+def diverged_rows(rows: pd.DataFrame) -> pd.Series:
+    """Which rows had a seed diverge (their diverged_mean, where the summary has one)."""
+    return rows["diverged_mean"].fillna(0) > 0 if "diverged_mean" in rows else pd.Series(False, index=rows.index)
 
 
 def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None = None) -> Figure:
@@ -87,6 +96,10 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
         ax.errorbar(x, rows[f"{acc}_mean"], yerr=rows[f"{acc}_std"], fmt="o-" if len(rows) > 1 else "D",
                     color=colors[dora, targets], capsize=3,
                     label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
+        bad = diverged_rows(rows).to_numpy()
+        if bad.any():
+            ax.plot([xi for xi, b in zip(x, bad) if b], rows.loc[bad, f"{acc}_mean"], "X", color="black", ms=11,
+                    zorder=5, label="some seeds diverged (training loss at chance): no verdict")
     if extra is not None:
         extra(ax)
     log_params_axis(ax)
@@ -101,7 +114,8 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
     ax.legend(loc="lower right", fontsize=8)
 
     others = results[results["method"] != "full"]
-    difference_panel(bx, others, [method_label(r, not one_target_set) for _, r in others.iterrows()],
+    difference_panel(bx, others, [method_label(r, not one_target_set) + (" (diverged)" if bad else "")
+                                  for (_, r), bad in zip(others.iterrows(), diverged_rows(others))],
                      [colors.get((r["dora"], r["targets"]), "tab:red") for _, r in others.iterrows()])
     fig.suptitle(title)
     fig.tight_layout()

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .trainer import MAX_GRAD_NORM, lr_factor
+
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # what the model takes: x, or (input_ids, attention_mask), ...
 
 
@@ -18,7 +20,8 @@ def select_rows(x: Inputs, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float, epochs: int, batch_size: int,
               select: Callable[[Inputs, torch.Tensor], tuple[torch.Tensor, ...]] = select_rows,
               amp_dtype: torch.dtype | None = None, fused: bool = False) -> list[float]:
-    """Adam with a cosine schedule over the trainable parameters; the same data order as trainer.fit for `seed`
+    """Adam over the trainable parameters, with trainer.fit's schedule (linear warmup, then cosine) and gradient
+    clipping at MAX_GRAD_NORM, written with torch's own pieces (LambdaLR, clip_grad_norm_); the same data order as trainer.fit for `seed`
     (the last partial batch is dropped). Returns the training loss of every step.
 
     select(x, idx): a batch's inputs (default: the rows idx of each tensor; the text runs also trim padding).
@@ -27,8 +30,9 @@ def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float
     """
     n = len(y)
     steps = n // batch_size
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused or None)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=lr, fused=fused or None)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
@@ -43,6 +47,7 @@ def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
             opt.step()
             schedule.step()
             losses.append(loss.detach())  # kept on the device: no sync per step

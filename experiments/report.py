@@ -9,17 +9,27 @@ from pathlib import Path
 import pandas as pd
 
 from .methods import TARGET_SET_LABELS, Method
-from .stats import paired_differences
+from .stats import holm, paired_differences, verdict as verdict_of
 from .storage import atomic_write, with_int_columns
+
+
+# The selection rule of protocol.py in two sentences, as the README and the notebooks print it (a test checks it).
+RULE = ("Every method trains at every learning rate of its grid on three tuning seeds (100, 101, 102), scored on the "
+        "validation split as counts of correct examples; a rate at which any tuning seed diverged (training loss "
+        "at chance level) is out. Among the rest the smallest rate whose mean "
+        "lies within one standard error of the best rate's is chosen, and where the best rate sits at an end of "
+        "the grid, the grid grows a half-decade that way and is tuned again (at most two steps each way).")
 
 
 def summarize(per_seed: pd.DataFrame, methods: list[Method], metric: str, extra_means: tuple[str, ...] = (),
               budget: Mapping[str, object] | None = None) -> pd.DataFrame:
     """One row per method, every experiment with the same columns: method, rank, targets, dora, alpha,
     trainable_params, pct_params_vs_full, {metric}_mean, {metric}_std, pct_acc_vs_full, the paired difference
-    (same seeds, 95% interval) to full finetuning (diff_vs_full, _low, _high) and, for DoRA, to LoRA at the same
-    rank (diff_vs_lora, _low, _high), the mean of each of `extra_means`, seeds, the `budget` (epochs, batch
-    size, ...) and lr. `metric` is the per-seed column of test accuracy."""
+    (same seeds, 95% interval, stats.difference) to full finetuning (diff_vs_full, _low, _high, p_vs_full,
+    p_match_vs_full) with its Holm-corrected verdict (verdict_vs_full) and, for DoRA, likewise to LoRA at the
+    same rank (..._vs_lora), the mean of each of `extra_means`, seeds, the `budget` (epochs, batch size, ...)
+    and lr. `metric` is the per-seed column of test accuracy; a "diverged" column (bool per run) keeps a method
+    out of the verdicts."""
     per_seed = per_seed.assign(dora=per_seed["dora"] if "dora" in per_seed else False)
     g = per_seed.groupby("method", sort=False)
     out = g.agg(rank=("rank", "first"), targets=("targets", "first"), dora=("dora", "first"), alpha=("alpha", "first"),
@@ -29,25 +39,44 @@ def summarize(per_seed: pd.DataFrame, methods: list[Method], metric: str, extra_
     full = out.set_index("method").loc["full"]
     out["pct_params_vs_full"] = 100 * out["trainable_params"] / full["trainable_params"]
     out["pct_acc_vs_full"] = 100 * out[f"{metric}_mean"] / full[f"{metric}_mean"]
-    vs_full = paired_differences(per_seed, metric, "full").set_index("method")
-    out[["diff_vs_full", "diff_vs_full_low", "diff_vs_full_high"]] = vs_full.loc[
-        out["method"], ["diff_mean", "diff_low", "diff_high"]].to_numpy()
+    vs_full = paired_differences(per_seed, metric, "full").set_index("method").loc[out["method"]]
+    out[["diff_vs_full", "diff_vs_full_low", "diff_vs_full_high", "p_vs_full", "p_match_vs_full"]] = vs_full[
+        ["diff_mean", "diff_low", "diff_high", "p", "p_match"]].to_numpy()
     lora_twin = {m.name: dataclasses.replace(m, dora=False).name for m in methods if m.dora}
+    nan5 = [math.nan] * 5
 
-    def vs_lora(name: str) -> tuple[float, float, float]:
+    def vs_lora(name: str) -> list[float]:
         if name not in lora_twin:
-            return math.nan, math.nan, math.nan
+            return nan5
         d = paired_differences(per_seed, metric, lora_twin[name]).set_index("method").loc[name]
-        return d["diff_mean"], d["diff_low"], d["diff_high"]
+        return d[["diff_mean", "diff_low", "diff_high", "p", "p_match"]].tolist()
 
-    out[["diff_vs_lora", "diff_vs_lora_low", "diff_vs_lora_high"]] = [vs_lora(n) for n in out["method"]]
+    out[["diff_vs_lora", "diff_vs_lora_low", "diff_vs_lora_high", "p_vs_lora", "p_match_vs_lora"]] = [
+        vs_lora(n) for n in out["method"]]
+    # No verdict on a row with a diverged seed, nor on DoRA against such a LoRA: they are left out of the families.
+    bad = set(per_seed.loc[per_seed["diverged"].astype(bool), "method"]) if "diverged" in per_seed else set()
+    out["verdict_vs_full"] = family_verdicts(out, "vs_full", ~out["method"].isin(bad | {"full"}))
+    twin_bad = out["method"].map(lambda n: lora_twin.get(n) in bad)
+    out["verdict_vs_lora"] = family_verdicts(out, "vs_lora", out["method"].isin(lora_twin) & ~out["method"].isin(bad)
+                                             & ~twin_bad)
     for k, v in (budget or {}).items():
         out[k] = v
     columns = ["method", "rank", "targets", "dora", "alpha", "trainable_params", "pct_params_vs_full",
                f"{metric}_mean", f"{metric}_std", "pct_acc_vs_full", "diff_vs_full", "diff_vs_full_low",
-               "diff_vs_full_high", "diff_vs_lora", "diff_vs_lora_low", "diff_vs_lora_high",
+               "diff_vs_full_high", "p_vs_full", "p_match_vs_full", "verdict_vs_full", "diff_vs_lora",
+               "diff_vs_lora_low", "diff_vs_lora_high", "p_vs_lora", "p_match_vs_lora", "verdict_vs_lora",
                *(f"{c}_mean" for c in extra_means), "seeds", *(budget or {}), "lr"]
     return with_int_columns(out[columns])
+
+
+def family_verdicts(out: pd.DataFrame, against: str, member: pd.Series) -> list[str]:
+    """The verdict of each row of one family (the rows where `member`; e.g. every method against full
+    finetuning), both p-values Holm-adjusted over that family; "" outside it."""
+    p = holm(out.loc[member, f"p_{against}"].tolist())
+    p_match = holm(out.loc[member, f"p_match_{against}"].tolist())
+    verdicts = pd.Series("", index=out.index, dtype=object)
+    verdicts[member] = [verdict_of(a, b, m) for a, b, m in zip(p, p_match, out.loc[member, f"diff_{against}"])]
+    return verdicts.tolist()
 
 
 def accuracy_column(results: pd.DataFrame) -> str:
@@ -72,13 +101,11 @@ def interval(mean: float, low: float, high: float) -> str:
     return f"{100 * mean:+.2f} ({100 * low:+.2f} to {100 * high:+.2f})"
 
 
-def verdict(low: float, high: float) -> str:
-    """Where a method stands against a baseline, read off the 95% interval of their paired difference."""
-    if low > 0:
-        return "above"
-    if high < 0:
-        return "below"
-    return "not distinguishable from"
+def verdict_phrase(v: str, baseline: str) -> str:
+    """"matches full finetuning (within ±1 point)", "below full finetuning", "not distinguishable from LoRA"."""
+    if not isinstance(v, str) or not v:  # no verdict (read back from a CSV: NaN)
+        return ""
+    return {"matches": f"matches {baseline} (within ±1 point)"}.get(v, f"is {v} {baseline}")
 
 
 def verdict_lines(results: pd.DataFrame, show_targets: bool = True) -> str:
@@ -91,35 +118,38 @@ def verdict_lines(results: pd.DataFrame, show_targets: bool = True) -> str:
     for _, r in results[results["method"] != "full"].iterrows():
         lines.append(f"{method_label(r, show_targets)}: {r[f'{acc}_mean']:.4f} ± {r[f'{acc}_std']:.4f} "
                      f"({int(r['trainable_params']):,} parameters, {r['pct_params_vs_full']:.2f}% of full's): "
-                     f"{verdict(r['diff_vs_full_low'], r['diff_vs_full_high'])} full finetuning "
-                     f"({interval(r['diff_vs_full'], r['diff_vs_full_low'], r['diff_vs_full_high'])} points)")
+                     f"{verdict_phrase(r['verdict_vs_full'], 'full finetuning') or 'diverged on some seeds: no verdict'}"
+                     f" ({interval(r['diff_vs_full'], r['diff_vs_full_low'], r['diff_vs_full_high'])} points)")
     return "\n".join(lines)
 
 
 def table(results: pd.DataFrame, show_targets: bool = True, accuracy: str = "test accuracy",
           extra: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """The results as text cells: method, trainable params, % of full's params, accuracy (mean ± std), the
-    difference to full finetuning (95% interval), DoRA − LoRA where DoRA ran, each `extra` column
+    """The results as text cells: method, trainable params, % of full's params, accuracy (mean ± std, marked where
+    seeds diverged), the difference to full finetuning (95% interval) and its Holm-corrected verdict, DoRA − LoRA
+    likewise where DoRA ran, each `extra` column
     ({header: summary column, shown to 3 decimals}) and the learning rate."""
     acc = accuracy_column(results)
     has_dora = bool(results["dora"].fillna(False).astype(bool).any())
     cells = {"method": [method_label(r, show_targets) for _, r in results.iterrows()],
              "trainable params": results["trainable_params"].map("{:,}".format),
              "% of full's params": results["pct_params_vs_full"].map(lambda v: f"{v:.1f}" if v >= 0.95 else f"{v:.2g}"),
-             f"{accuracy} (mean ± std)": [f"{m:.4f} ± {s:.4f}" + _diverged_note(r) for (_, r), m, s in
+             f"{accuracy} (mean ± std)": [f"{m:.4f} ± {s:.4f}" + diverged_note(r) for (_, r), m, s in
                                            zip(results.iterrows(), results[f"{acc}_mean"], results[f"{acc}_std"])],
              "difference to full finetuning, points (95% interval)": [
-                 interval(*v) for v in zip(results.diff_vs_full, results.diff_vs_full_low, results.diff_vs_full_high)]}
+                 interval(*v) for v in zip(results.diff_vs_full, results.diff_vs_full_low, results.diff_vs_full_high)],
+             "against full finetuning": results["verdict_vs_full"].fillna("").tolist()}
     if has_dora:
         cells["DoRA − LoRA at the same rank, points (95% interval)"] = [
             interval(*v) for v in zip(results.diff_vs_lora, results.diff_vs_lora_low, results.diff_vs_lora_high)]
+        cells["DoRA against LoRA"] = results["verdict_vs_lora"].fillna("").tolist()
     for header, column in (extra or {}).items():
         cells[header] = results[column].map("{:.3f}".format)
     cells["lr"] = results["lr"].map("{:g}".format)
     return pd.DataFrame(cells)
 
 
-def _diverged_note(row) -> str:
+def diverged_note(row) -> str:
     """", 3 of 5 seeds diverged" where some did (a diverged_mean column), so that a mean pulled down by them is
     marked in the table itself."""
     share = row.get("diverged_mean", 0)
@@ -131,6 +161,17 @@ def markdown(cells: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cells.columns) + " |", "|---|" + "---:|" * (len(cells.columns) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def machine(env: dict) -> str:
+    """Which machine made a table, from a config's environment: "cpu (AMD EPYC 9R14; avx2 ...; torch dispatches
+    AVX512), torch 2.14.1" or "cuda (NVIDIA H200, CUDA 13.0), torch 2.11.0"."""
+    if env["device"].startswith("cuda"):
+        what = f"{env['device_name']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+    else:
+        what = env.get("cpu", env["device_name"]) + (f"; {env['cpu_vector_extensions']}"
+                                                    if env.get("cpu_vector_extensions") else "")
+    return f"{env['device']} ({what}), torch {env['torch']}"
 
 
 def readme_markers(experiment: str) -> tuple[str, str]:
@@ -159,39 +200,40 @@ def _ranks(ranks) -> str:
     return "ranks " + ", ".join(ranks[:-1]) + " and " + ranks[-1]
 
 
-def _against(rows: pd.DataFrame, diff: str, baseline: str) -> str:
-    """"below <baseline> at ranks 1 and 2, not distinguishable from it at rank 4": each rank's verdict from the
-    95% interval of its paired difference, grouped."""
+def _against(rows: pd.DataFrame, against: str, baseline: str) -> str:
+    """"matches <baseline> (within ±1 point) at rank 8, is below it at ranks 1 and 2": each rank's Holm-corrected
+    verdict (the column verdict_<against>), grouped."""
     groups = {}
     for _, r in rows.iterrows():
-        groups.setdefault(verdict(r[f"{diff}_low"], r[f"{diff}_high"]), []).append(r["rank"])
-    parts = [f"{v} {baseline if i == 0 else 'it'} at {_ranks(ranks)}" for i, (v, ranks) in enumerate(groups.items())]
+        groups.setdefault(r[f"verdict_{against}"], []).append(r["rank"])
+    parts = [f"{verdict_phrase(v, baseline if i == 0 else 'it')} at {_ranks(ranks)}"
+             for i, (v, ranks) in enumerate(groups.items())]
     return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
 
 
 def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
     """The sentences that state what an MNIST table shows, generated from it so that they hold for whatever a
-    run produces: each series' verdicts against full finetuning, the smallest rank whose whole interval lies
-    within one point of it, where the curve flattens, and DoRA against LoRA. Each verdict is one uncorrected
-    95% interval; the count of comparisons says how much a pattern rests on."""
+    run produces: a word on each row whose seeds diverged (no other sentence uses it), each series' verdicts
+    against full finetuning, the smallest rank that matches it, where the curve flattens, and DoRA against LoRA.
+    Verdicts are Holm-corrected within their family (one column of the table)."""
     acc = accuracy_column(results)
     full = results.set_index("method").loc["full"]
-    lora = results[results["method"] != "full"]
-    dora = lora[lora["dora"].astype(bool)]
+    sound = results[results["verdict_vs_full"].fillna("") != ""]  # neither full finetuning nor a diverged row
+    dora = sound[sound["dora"].astype(bool) & (sound["verdict_vs_lora"].fillna("") != "")]
     n = int(full["seeds"])
-    out = [f"Paired over {n} seeds ({len(lora)} comparisons with full finetuning, each a 95% interval, "
-           f"uncorrected; full finetuning: {full[f'{acc}_mean']:.4f}):"]
-    for _, rows in lora.groupby(["targets", "dora"], sort=False):  # one series per target set and kind
+    out = [f"Paired over {n} seeds, each interval with the test set's noise as well as the seeds'; verdicts "
+           f"Holm-corrected over the {len(sound)} comparisons with full finetuning (full finetuning: "
+           f"{full[f'{acc}_mean']:.4f}):"]
+    for _, rows in sound.groupby(["targets", "dora"], sort=False):  # one series per target set and kind
         name = method_label(rows.iloc[0], show_targets).rsplit(" r=", 1)[0].rstrip(",")
-        s = f"{name} is {_against(rows, 'diff_vs_full', 'full finetuning')}."
-        close = rows[rows["diff_vs_full_low"] > -0.01]
+        s = f"{name} {_against(rows, 'vs_full', 'full finetuning')}."
+        close = rows[rows["verdict_vs_full"] == "matches"]
         if len(close):
             c = close.iloc[0]
-            s += (f" The smallest rank whose whole interval lies within one point of full finetuning is "
-                  f"{int(c['rank'])} ({c['pct_params_vs_full']:.0f}% of its parameters, "
-                  f"{interval(c['diff_vs_full'], c['diff_vs_full_low'], c['diff_vs_full_high'])} points).")
+            s += (f" The smallest rank that matches it is {int(c['rank'])} ({c['pct_params_vs_full']:.0f}% of its "
+                  f"parameters, {interval(c['diff_vs_full'], c['diff_vs_full_low'], c['diff_vs_full_high'])} points).")
         else:
-            s += " At no rank does the whole interval lie within one point of full finetuning."
+            s += " No rank matches it within ±1 point."
         gap = rows[f"{acc}_mean"].max() - rows[f"{acc}_mean"]  # below the series' best mean
         # the smallest rank from which every larger rank is within a quarter point of the best, if there is one:
         # where the largest rank is further below the best, the curve falls again and does not flatten
@@ -202,27 +244,24 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
                   f"({flat[f'{acc}_mean'].min():.4f} to {flat[f'{acc}_mean'].max():.4f}).")
         out.append(s)
     if len(dora):
-        decided = dora[(dora["diff_vs_lora_low"] > 0) | (dora["diff_vs_lora_high"] < 0)]
-        out.append(f"DoRA against LoRA at the same rank ({len(dora)} paired comparisons): DoRA is "
-                   f"{_against(dora, 'diff_vs_lora', 'LoRA')}"
+        decided = dora[dora["verdict_vs_lora"].isin(["above", "below"])]
+        out.append(f"DoRA against LoRA at the same rank (Holm-corrected over {len(dora)} paired comparisons): DoRA "
+                   f"{_against(dora, 'vs_lora', 'LoRA')}"
                    + (" (" + "; ".join(f"r={int(r['rank'])}: " + interval(r['diff_vs_lora'], r['diff_vs_lora_low'],
                                                                           r['diff_vs_lora_high'])
-                                      for _, r in decided.iterrows()) + " points)" if len(decided) else "")
-                   + f". Were the two equal, at least one of {len(dora)} independent 95% intervals would exclude "
-                   f"zero by chance {100 * (1 - 0.95 ** len(dora)):.0f}% of the time.")
+                                      for _, r in decided.iterrows()) + " points)" if len(decided) else "") + ".")
     return " ".join(out[:1] + diverged(results, show_targets) + out[1:])
 
 
 def diverged(results: pd.DataFrame, show_targets: bool = True) -> list[str]:
     """A sentence for each method some of whose seeds diverged (a "diverged_mean" column: the share of its seeds
-    whose training loss ended at chance level): their accuracies are in its mean and interval as they came."""
+    whose training loss ended at chance level): it is marked, and no verdict or other sentence speaks of it."""
     if "diverged_mean" not in results:
         return []
     out = []
     for _, r in results[results["diverged_mean"] > 0].iterrows():
         n = int(r["seeds"])
         out.append(f"{method_label(r, show_targets)} diverged on {round(r['diverged_mean'] * n)} of {n} seeds at "
-                   f"its learning rate {r['lr']:g} (their training loss ended at chance level), which the search "
-                   f"chose on the tuning seeds: its mean and interval include those "
-                   f"seeds as they came, and every comparison with it below rests on them.")
+                   f"its learning rate {r['lr']:g} (their training loss ended at chance level): its row is marked, "
+                   f"and no verdict or sentence here rests on it.")
     return out

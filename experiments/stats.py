@@ -1,17 +1,33 @@
-"""Intervals over seeds: a mean with its 95% t-interval, and the paired difference of each method to a baseline.
+"""Intervals and verdicts: a mean with its 95% t-interval, and the paired difference of each method to a baseline,
+with the noise of the seeds and of the test set in its interval, tested with Holm's correction.
 
 Every method of one seed starts from the same pretrained weights and sees the same data order, so methods are
-compared seed by seed: the mean of the per-seed differences, with a t-interval over seeds. A difference is
-called real only when its interval excludes zero.
+compared seed by seed. The difference of two methods, as 0/1 scores D[s, i] on seed s and test example i, has two
+sources of noise: the seeds (another seed trains another model) and the test set (another sample of examples
+would score otherwise). Its standard error adds the two (the crossed two-way design's usual approximation):
+
+    SE² = var_s(d_s) / S + var_i(D̄_i) / N        d_s: seed s's mean over examples, D̄_i: example i's mean over seeds
+
+which counts the seed-by-example noise twice (it is in both terms), so errs wide. The interval is
+mean ± t(S - 1) · SE, with the seeds' S - 1 degrees of freedom. Without per-example scores the second term is
+left out: the interval over seeds alone. A difference is called real only when Holm's correction over its
+family (all comparisons of one column of one table) still rejects zero; "matches" only when the whole interval,
+at Holm's corrected level, lies within ±1 point (two one-sided tests against the margin).
 """
 
 import math
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .storage import unpack_bits
 
-def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
+LEVEL = 0.95    # of every interval, and 1 - the familywise error rate of the verdicts
+MARGIN = 0.01   # "matches": the difference lies within ±1 point
+
+
+def mean_ci(values, level: float = LEVEL) -> tuple[float, float, float]:
     """(mean, low, high): Student's t-interval of the mean; (mean, nan, nan) for a single value."""
     x = pd.Series(values, dtype="float64").dropna()
     mean, n = x.mean(), len(x)
@@ -21,17 +37,75 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def paired_differences(per_seed: pd.DataFrame, metric: str, baseline: str = "full") -> pd.DataFrame:
-    """Per method: the mean over seeds of (method - baseline) in `metric`, with its 95% t-interval.
+def difference(d: np.ndarray, items: np.ndarray | None = None, level: float = LEVEL) -> dict:
+    """The paired difference from per-seed differences d (S,) and, where known, the per-example differences
+    items (S, N) in {-1, 0, 1}: its mean, interval, the p-value of "no difference" and of "a difference of at
+    least MARGIN" (the larger of the two one-sided tests, doubled so that it is below 1 - level exactly when the
+    whole interval lies inside ±MARGIN)."""
+    d = np.asarray(d, dtype=np.float64)
+    S, mean = len(d), float(np.mean(d))
+    if S < 2:
+        return {"diff_mean": mean, "diff_low": math.nan, "diff_high": math.nan, "p": math.nan, "p_match": math.nan}
+    var = d.var(ddof=1) / S
+    if items is not None:
+        var += items.mean(0).var(ddof=1) / items.shape[1]
+    se = math.sqrt(var)
+    t = stats.t(S - 1)
+    half = t.ppf(0.5 + level / 2) * se
+    if se == 0:
+        p = 1.0 if mean == 0 else 0.0
+        p_match = 0.0 if abs(mean) < MARGIN else 1.0
+    else:
+        p = 2 * t.sf(abs(mean) / se)
+        p_match = min(1.0, 2 * max(t.sf((mean + MARGIN) / se), t.sf((MARGIN - mean) / se)))
+    return {"diff_mean": mean, "diff_low": mean - half, "diff_high": mean + half, "p": p, "p_match": p_match}
 
-    Columns method, diff_mean, diff_low, diff_high, diff_seeds. Only seeds that both ran are paired.
+
+def paired_differences(per_seed: pd.DataFrame, metric: str, baseline: str = "full") -> pd.DataFrame:
+    """Per method: the mean over seeds of (method - baseline) in `metric`, with its interval and p-values
+    (`difference`); with a "test_correct" column (storage.pack_bits per run) the test set's noise is in them.
+
+    Columns method, diff_mean, diff_low, diff_high, p, p_match, diff_seeds. Only seeds that both ran are paired.
     """
     wide = per_seed.pivot(index="seed", columns="method", values=metric)
     if baseline not in wide:
         raise ValueError(f"baseline {baseline!r} is not among the methods {list(wide.columns)}")
+    bits = per_seed.set_index(["method", "seed"])["test_correct"] if "test_correct" in per_seed else None
     rows = []
     for method in per_seed["method"].drop_duplicates():
         d = (wide[method] - wide[baseline]).dropna()
-        mean, low, high = mean_ci(d)
-        rows.append({"method": method, "diff_mean": mean, "diff_low": low, "diff_high": high, "diff_seeds": len(d)})
+        items = None
+        if bits is not None and len(d):
+            items = np.stack([unpack_bits(bits[method, s]).astype(np.int8) - unpack_bits(bits[baseline, s])
+                              for s in d.index])  # (S, N) in {-1, 0, 1}
+        rows.append({"method": method, **difference(d.to_numpy(), items), "diff_seeds": len(d)})
     return pd.DataFrame(rows)
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: the k-th smallest times (m - k + 1), made monotone, at most 1. A
+    hypothesis is rejected at familywise level alpha where its adjusted p-value is below alpha. NaN stays NaN
+    and does not count towards m."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(len(p), math.nan)
+    known = np.flatnonzero(~np.isnan(p))
+    order = known[np.argsort(p[known], kind="stable")]
+    m, running = len(order), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+def verdict(p_adjusted: float, p_match_adjusted: float, mean: float, level: float = LEVEL) -> str:
+    """"matches" (the whole interval within ±1 point), else "above" or "below" (zero excluded), else "not
+    distinguishable from"; "" where there is no test (full finetuning against itself, one seed, a diverged row).
+    Both p-values Holm-adjusted within the family."""
+    alpha = 1 - level
+    if math.isnan(p_adjusted):
+        return ""
+    if p_match_adjusted < alpha:
+        return "matches"
+    if p_adjusted < alpha:
+        return "above" if mean > 0 else "below"
+    return "not distinguishable from"

@@ -61,6 +61,10 @@ class Outputs:
         return self._file("_config.json")
 
     @property
+    def test_correct(self) -> Path:
+        return self._file("_test_correct.csv")
+
+    @property
     def lr_search(self) -> Path:
         return self._file("_lr_search.csv")
 
@@ -69,7 +73,8 @@ class Outputs:
         return self._file("_learning_rates.json")
 
     def all(self) -> list[Path]:
-        return [self.summary, self.per_seed, self.config, self.figure, self.lr_search, self.learning_rates]
+        return [self.summary, self.per_seed, self.test_correct, self.config, self.figure, self.lr_search,
+                self.learning_rates]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -104,6 +109,18 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
     return result
 
 
+def pack_bits(right) -> str:
+    """A row of booleans (which test examples a run got right) as "N:hex", 8 examples a byte: compact, diffable."""
+    right = numpy.asarray(right.cpu() if hasattr(right, "cpu") else right, dtype=bool)  # a tensor on any device
+    return f"{len(right)}:{numpy.packbits(right).tobytes().hex()}"
+
+
+def unpack_bits(packed: str) -> numpy.ndarray:
+    """pack_bits undone: N booleans."""
+    n, hex_ = packed.split(":")
+    return numpy.unpackbits(numpy.frombuffer(bytes.fromhex(hex_), dtype=numpy.uint8))[:int(n)].astype(bool)
+
+
 def write_json(path: Path, payload: dict) -> None:
     atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
 
@@ -116,10 +133,24 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_vector_extensions() -> str:
+    """The vector instruction sets this CPU has that change how torch's kernels round (AVX2, AVX-512, AMX...),
+    and the one torch dispatches to: two CPUs of one vendor can differ here, and so can their numbers."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        have = sorted(f for f in flags.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx")))
+    except (OSError, StopIteration):
+        have = []
+    return f"{' '.join(have) or 'unknown'}; torch dispatches {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment(device: torch.device) -> dict:
+    cuda = device.type == "cuda"
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "pandas": pd.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "cpu": cpu_name(), "cpu_vector_extensions": cpu_vector_extensions(),
+            "cuda": torch.version.cuda if cuda else None,
             "cpu_threads": torch.get_num_threads(), "cpu_jobs_at_once": parallel.default_workers()}
 
 
@@ -155,9 +186,11 @@ def load_config(out: Outputs) -> dict:
 
 def save_results(out: Outputs, cfg, per_seed: pd.DataFrame, results: pd.DataFrame, fig, device: torch.device,
                  seconds: float, extra: dict | None = None) -> None:
-    """The summary (6 significant digits), every run (full precision), the config with the environment, the PNG."""
+    """The summary (6 significant digits), every run (full precision) with which test examples it got right in a
+    file of its own (pack_bits), the config with the environment, the PNG."""
     atomic_write(out.summary, results.to_csv(index=False, float_format="%.6g").encode())
-    atomic_write(out.per_seed, per_seed.to_csv(index=False).encode())
+    atomic_write(out.per_seed, per_seed.drop(columns="test_correct").to_csv(index=False).encode())
+    atomic_write(out.test_correct, per_seed[["method", "seed", "test_correct"]].to_csv(index=False).encode())
     write_json(out.config, {"config": dataclasses.asdict(cfg), "environment": environment(device),
                             "sweep_seconds": round(seconds, 1), **(extra or {})})
     buf = io.BytesIO()
@@ -169,6 +202,11 @@ def with_int_columns(df: pd.DataFrame) -> pd.DataFrame:
     """rank, and alpha where every alpha is whole, as nullable ints: "4" in a CSV, never "4.0"."""
     whole = all(float(a).is_integer() for a in df["alpha"].dropna())
     return df.astype({"rank": "Int64", "alpha": "Int64" if whole else "Float64"})
+
+
+def load_per_seed(out: Outputs) -> pd.DataFrame:
+    """Every run as the sweep returned it, the test examples each got right included."""
+    return with_int_columns(pd.read_csv(out.per_seed).merge(pd.read_csv(out.test_correct), on=["method", "seed"]))
 
 
 def load_results(out: Outputs) -> pd.DataFrame:

@@ -18,6 +18,22 @@ import torch.nn.functional as F
 
 
 EVAL_CHUNK = 128  # examples per evaluation forward on the CPU (bench/README.md, "Where the time goes")
+WARMUP = 0.06        # share of the steps over which the learning rate rises linearly (LoRA paper, Appendix D)
+MAX_GRAD_NORM = 1.0  # each model's gradient norm is clipped to this (Hugging Face Trainer's default)
+
+
+def warmup_steps(total_steps: int, warmup: float = WARMUP) -> int:
+    """Steps of linear warmup: a share `warmup` of the run, at least one (the first step is then at full lr)."""
+    return max(1, math.ceil(warmup * total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup: float = WARMUP) -> float:
+    """The schedule's multiplier of the learning rate at step `step` (0-based): (step + 1) / W for the first W
+    warmup steps (so the first step already moves), then a cosine from 1 down towards 0 over the rest."""
+    w = warmup_steps(total_steps, warmup)
+    if step < w:
+        return (step + 1) / w
+    return (1 + math.cos(math.pi * (step - w) / max(1, total_steps - w))) / 2
 
 
 def set_seed(seed: int) -> None:
@@ -51,45 +67,66 @@ def forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
-             frozen: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> list[float]:
-    """Accuracy of each stacked model on (x, y), in eval mode, `chunk` examples at a time (default: EVAL_CHUNK
-    on the CPU, where a whole split at once makes activations of hundreds of MB for stacked transformers, far
-    slower than chunks that stay in cache; the whole split on CUDA, where every chunk costs launches)."""
+def correct(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
+            frozen: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Which examples of (x, y) each stacked model classifies right, (S, N) bool, in eval mode, `chunk` examples
+    at a time (default: EVAL_CHUNK on the CPU, where a whole split at once makes activations of hundreds of MB
+    for stacked transformers, far slower than chunks that stay in cache; the whole split on CUDA, where every
+    chunk costs launches)."""
     x, y = split
     chunk = chunk or (EVAL_CHUNK if x.device.type == "cpu" else len(y))
     was_training = model.training
     model.eval()
-    correct = torch.cat([forward(model, params, x[i:i + chunk], frozen).argmax(-1) == y[i:i + chunk]
-                         for i in range(0, len(y), chunk)], dim=1)  # (S, N)
+    right = torch.cat([forward(model, params, x[i:i + chunk], frozen).argmax(-1) == y[i:i + chunk]
+                       for i in range(0, len(y), chunk)], dim=1)  # (S, N)
     model.train(was_training)
-    return correct.float().mean(-1).tolist()
+    return right
+
+
+def accuracy(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
+             frozen: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> list[float]:
+    """Accuracy of each stacked model on (x, y): the share of `correct`."""
+    return correct(model, params, split, frozen, chunk).float().mean(-1).tolist()
 
 
 class CosineAdam:
-    """Adam (torch.optim.Adam's update and defaults) with a cosine-annealed learning rate per stacked model.
+    """Adam (torch.optim.Adam's update and defaults) with per-model gradient clipping and a learning rate that
+    warms up linearly, then anneals on a cosine (lr_factor), for each stacked model.
 
-    lrs (S,) scales model s's update alone: stacking learning rates is exact. The step count and the schedule
-    live in tensors on the parameters' device, so a CUDA graph can replay `step` unchanged.
+    lrs (S,) scales model s's update alone, and model s's gradient is clipped by its own norm over all its
+    trainable tensors (torch.nn.utils.clip_grad_norm_'s rule), so stacking stays exact. The step count and the
+    schedule live in tensors on the parameters' device, so a CUDA graph can replay `step` unchanged.
     """
 
     def __init__(self, params: list[torch.Tensor], lrs: list[float], total_steps: int,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup: float = WARMUP,
+                 max_grad_norm: float | None = MAX_GRAD_NORM):
         device = params[0].device
         self.params, self.total_steps, self.betas, self.eps = params, total_steps, betas, eps
+        self.warmup, self.max_grad_norm = warmup_steps(total_steps, warmup), max_grad_norm
         self.lrs = torch.tensor(lrs, dtype=torch.float64, device=device)  # (S,)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = torch.zeros((), dtype=torch.float64, device=device)  # steps taken
 
+    def clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each model's gradient scaled by min(1, max_grad_norm / (its norm + 1e-6)), as clip_grad_norm_ does."""
+        if self.max_grad_norm is None:
+            return grads
+        norm = sum(g.pow(2).flatten(1).sum(1) for g in grads).sqrt()  # (S,): over every tensor of model s
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return [g * coef.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor]) -> None:
         b1, b2 = self.betas
-        lr = self.lrs * (1 + torch.cos(math.pi * self.t / self.total_steps)) / 2  # this step's lr per model (S,)
+        w, t = self.warmup, self.t
+        cosine = (1 + torch.cos(math.pi * (t - w) / max(1, self.total_steps - w))) / 2
+        lr = self.lrs * torch.where(t < w, (t + 1) / w, cosine)  # this step's lr per model (S,): lr_factor
         self.t += 1
         step_size = (lr / (1 - b1 ** self.t)).float()  # (S,)
         root_bc2 = (1 - b2 ** self.t).sqrt().float()
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        for p, g, m, v in zip(self.params, self.clip(grads), self.m, self.v):
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / root_bc2).add_(self.eps)
@@ -100,8 +137,8 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
         seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None,
         stacked_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
         frozen: dict[str, torch.Tensor] | None = None) -> list[list[float]]:
-    """Train the parameters that require grad in place, model s with Adam at lrs[s] on a cosine schedule;
-    returns each model's mean training loss per epoch, (S, epochs).
+    """Train the parameters that require grad in place, model s with Adam at lrs[s] (warmup, then cosine; each
+    model's gradient norm clipped: CosineAdam); returns each model's mean training loss per epoch, (S, epochs).
 
     Model s shuffles with a generator seeded by seeds[s], so every method (and every learning rate) sees the
     same data order for a given seed. graph: capture the step in a CUDA graph (default: on CUDA).

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import warnings
 
 import pandas as pd
@@ -141,8 +142,9 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     saved = pd.read_csv(out.summary)
     assert list(saved.columns) == ["method", "rank", "targets", "dora", "alpha", "trainable_params",
                                    "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "diff_vs_full",
-                                   "diff_vs_full_low", "diff_vs_full_high", "diff_vs_lora", "diff_vs_lora_low",
-                                   "diff_vs_lora_high", "acc_A_after_mean", "acc_A_pretrained_mean", "diverged_mean", "seeds", "epochs",
+                                   "diff_vs_full_low", "diff_vs_full_high", "p_vs_full", "p_match_vs_full",
+                                   "verdict_vs_full", "diff_vs_lora", "diff_vs_lora_low", "diff_vs_lora_high",
+                                   "p_vs_lora", "p_match_vs_lora", "verdict_vs_lora", "acc_A_after_mean", "acc_A_pretrained_mean", "diverged_mean", "seeds", "epochs",
                                    "batch_size", "lr"]
     config = json.loads(out.config.read_text())
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
@@ -305,7 +307,95 @@ def test_add_adapter_trains_only_the_adapters_on_the_mlp():
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
 
-def test_ties_in_validation_score_go_to_the_smallest_learning_rate():
-    grid = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 2, "lr": [0.1, 0.01, 0.03, 1e-3, 1e-2],
-                         "score_mean": [0.9, 0.9, 0.8, 0.5, 0.6]})
-    assert protocol.choose_learning_rates(grid, "score_mean") == {"a": 0.01, "b": 0.01}
+def test_the_rule_takes_the_smallest_rate_within_one_standard_error_of_the_best():
+    lrs = [1e-3, 3e-3, 1e-2, 3e-2]
+    never = [[False] * 3] * 4
+    # best 1e-2 (sum 303, counts 100, 101, 102: SE 0.577 per seed, 1.73 in sums); 3e-3 is 2 behind in sums: outside
+    c = protocol.choose(lrs, [[90, 90, 90], [100, 100, 101], [100, 101, 102], [99, 99, 100]], never)
+    assert (c.lr, c.best, c.extend) == (1e-2, 1e-2, 0)
+    # 3e-3 one behind the best in sums: a near tie, which goes to the smaller rate
+    c = protocol.choose(lrs, [[90, 90, 90], [100, 101, 101], [100, 101, 102], [99, 99, 100]], never)
+    assert (c.lr, c.best) == (3e-3, 1e-2)
+    # an exact tie in counts goes to the smaller rate, even with no spread at all (SE 0)
+    c = protocol.choose(lrs, [[90, 90, 90], [101, 101, 101], [101, 101, 101], [99, 99, 100]], never)
+    assert (c.lr, c.best) == (3e-3, 3e-3)
+
+
+def test_a_rate_at_which_any_tuning_seed_diverged_is_out():
+    lrs = [1e-3, 3e-3, 1e-2, 3e-2]
+    correct = [[90, 90, 90], [95, 95, 95], [99, 99, 99], [120, 120, 30]]  # 3e-2 scores best on two seeds
+    diverged = [[False] * 3, [False] * 3, [False] * 3, [False, False, True]]
+    c = protocol.choose(lrs, correct, diverged)
+    assert (c.lr, c.best, c.extend) == (1e-2, 1e-2, 0)  # not grown past 3e-2: the best eligible rate is inside
+    assert c.out == {3e-2: "diverged"}
+    everything = protocol.choose(lrs, correct, [[True, False, False]] * 4)
+    assert everything.lr is None and everything.extend == -1  # every rate out: look lower
+
+
+def test_a_best_rate_at_an_end_of_the_grid_asks_to_grow_it_that_way():
+    never = [[False] * 2] * 3
+    assert protocol.choose([1e-3, 1e-2, 1e-1], [[1, 1], [2, 2], [3, 3]], never).extend == 1
+    assert protocol.choose([1e-3, 1e-2, 1e-1], [[3, 3], [2, 2], [1, 1]], never).extend == -1
+    assert protocol.beyond([1e-3, 3e-3, 1e-2, 3e-2], 1) == 0.1 and protocol.beyond([1e-3, 3e-3, 1e-2, 3e-2], -1) == 3e-4
+    assert protocol.beyond([3e-3, 1e-2, 3e-2, 1e-1], 1) == 0.3  # not 0.30000000000000004
+    assert protocol.beyond([0.1, 0.2, 0.4], 1) == 0.8 and protocol.beyond([0.1, 0.2, 0.4], -1) == 0.05
+    with pytest.raises(ValueError, match="distinct and ascending"):
+        protocol.choose([1e-2, 1e-3], [[1], [1]], [[False], [False]])
+
+
+class PeakAt(protocol.Experiment):
+    """A made-up experiment: validation counts peak at a given rate per method, and rates above `blows_up`
+    diverge. Training is a formula, so the protocol's own steps are what the test sees."""
+    name, metric, val_metric, classes = "peak", "acc", "val_acc", 5
+    per_seed_columns = ("method", "seed", "lr")
+
+    def __init__(self, cfg, peaks: dict[str, float], blows_up: float = math.inf):
+        super().__init__(cfg, torch.device("cpu"))
+        self.peaks, self.blows_up, self.trained = peaks, blows_up, []
+
+    def code_files(self):
+        return []
+
+    def key_extra(self):
+        return [self.peaks, self.blows_up]
+
+    def train(self, shared, method, lrs, seeds):
+        self.trained.append((method.name, lrs))
+        return [{"method": method.name, "lr": lr, "seed": s, "val_acc": 0.0,
+                 "val_correct": 1000 - round(100 * abs(math.log10(lr / self.peaks[method.name]))) + s % 2,
+                 "loss_last_epoch": 9.0 if lr > self.blows_up else 0.1} for lr in lrs for s in seeds]
+
+    def summarize(self, per_seed): ...
+    def plot(self, results): ...
+    def readme_block(self, results, config): ...
+
+
+def test_tuning_grows_the_grid_where_the_best_rate_is_at_an_end_and_warns_only_at_the_bound(tmp_path):
+    cfg = dataclasses.replace(Config.quick(), lr_grid=(1e-3, 3e-3, 1e-2), ranks=(1,), dora=False, tune_seeds=3)
+    exp = PeakAt(cfg, {"full": 0.03, "lora_r1": 1.0})  # full: one step past the top; LoRA: far past it
+    with pytest.warns(UserWarning, match="still at an end of the grid after 2 steps") as caught:
+        grid, chosen = protocol.tune(exp, tmp_path, progress=False)
+    assert "lora_r1" in str(caught[0].message) and "'full'" not in str(caught[0].message)
+    full = grid[grid.method == "full"]
+    assert full.lr.tolist() == [1e-3, 3e-3, 1e-2, 3e-2, 0.1] and chosen["full"] == 3e-2
+    assert full.grown.tolist() == [False, False, False, True, True]
+    assert full.set_index("lr").loc[3e-2, "rule"] == "chosen best"
+    assert grid[grid.method == "lora_r1"].lr.max() == 0.1 and chosen["lora_r1"] == 0.1  # the bound: 2 steps up
+    assert protocol.stuck_at_grid_end(grid) == ["lora_r1"]
+    # the whole grid once per method, then one job per new rate: nothing trains twice
+    assert sorted(exp.trained) == sorted([("full", cfg.lr_grid), ("lora_r1", cfg.lr_grid), ("full", (3e-2,)),
+                                          ("lora_r1", (3e-2,)), ("full", (0.1,)), ("lora_r1", (0.1,))])
+
+
+def test_growing_stops_where_the_next_rate_diverges(tmp_path):
+    cfg = dataclasses.replace(Config.quick(), lr_grid=(1e-3, 3e-3, 1e-2), ranks=(1,), dora=False, tune_seeds=3)
+    exp = PeakAt(cfg, {"full": 1.0, "lora_r1": 1.0}, blows_up=0.02)
+    with warnings.catch_warnings(record=True) as caught:  # 3e-2, the next rate, diverges: 1e-2 is inside now
+        warnings.simplefilter("always")
+        grid, chosen = protocol.tune(exp, tmp_path, progress=False)
+    assert not [w for w in caught if "end of the grid" in str(w.message)]
+    assert chosen == {"full": 1e-2, "lora_r1": 1e-2}
+    rows = grid[grid.method == "full"].set_index("lr")
+    assert rows.index.tolist() == [1e-3, 3e-3, 1e-2, 3e-2]  # grown once, then stopped
+    assert rows.loc[3e-2, "diverged"] == 3 and rows.loc[3e-2, "rule"] == "diverged"
+    assert rows.loc[1e-2, "rule"] == "chosen best"

@@ -439,7 +439,7 @@ def test_dora_refuses_a_weight_with_an_all_zero_row():
             model.layers[1].key.weight[3] = 0
         return model
     unchanged(zero_row, lambda m: lora.add_lora(m, r=2, use_dora=True), ValueError,
-              r"'layers.1.key' has all-zero rows \[3\].*use_dora=True")
+              r"'layers.1.key' has all-zero rows \[3\].*divides each row by its norm: wrap this layer with use_dora=False, or leave it out")
     lora.add_lora(zero_row(), r=2)  # plain LoRA does not divide by the norm
 
 
@@ -739,7 +739,9 @@ def test_bad_hyperparameters_raise_value_error_before_touching_anything(kwargs, 
 
 
 def test_base_that_is_not_linear_raises_type_error():
-    with pytest.raises(TypeError, match="base is a Conv1d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embed"):
+    with pytest.raises(TypeError, match="base is a LayerNorm; lora.py wraps nn.Linear, transformers' Conv1D, nn.Embed"):
+        LoRALinear(nn.LayerNorm(4), r=2)
+    with pytest.raises(TypeError, match="base is a Conv1d: wrap it with LoRAConv"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
 
 
@@ -764,12 +766,13 @@ def test_wrapping_twice_is_refused_so_rerunning_a_cell_cannot_stack_adapters():
         LoRALinear(wrapped().layers[0].query, r=2)
 
 
-def test_multihead_attention_out_proj_is_refused_because_it_would_be_ignored_and_targets_none_skips_it_warning():
+def test_multihead_attention_out_proj_alone_is_refused_naming_the_attention_and_targets_none_takes_the_attention():
     unchanged(lambda: nn.TransformerEncoderLayer(8, 2, 16), lambda m: lora.add_lora(m, r=2, targets="out_proj"),
-              TypeError, "'self_attn.out_proj' .* is the out_proj of an nn.MultiheadAttention")
-    with pytest.warns(UserWarning, match=r"leaves \['self_attn.out_proj'\] alone") as record:
-        assert lora.add_lora(nn.TransformerEncoderLayer(8, 2, 16), r=2) == ["linear1", "linear2"]
-    assert len(record) == 1
+              TypeError, r"'self_attn.out_proj' .* is the out_proj of an nn.MultiheadAttention.*target the "
+              r"attention itself \('self_attn'\)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lora.add_lora(nn.TransformerEncoderLayer(8, 2, 16), r=2) == ["self_attn", "linear1", "linear2"]
 
 
 def test_r_above_min_dimension_is_allowed_with_one_warning():
@@ -968,8 +971,8 @@ def test_embedding_with_max_norm_and_dora_on_non_linear_layers_are_refused_namin
               TypeError, "max_norm=1.0.*renormalises W's rows in place")
     unchanged(lambda: nn.Sequential(nn.Embedding(10, 6)), lambda m: lora.add_lora(m, r=2, targets="0", use_dora=True),
               TypeError, "is a Embedding: use_dora=True wraps nn.Linear only")
-    unchanged(lambda: nn.Sequential(nn.Conv2d(3, 3, 1)), lambda m: lora.add_lora(m, r=2, targets="0"), TypeError,
-              "module '0' .* is a Conv2d; lora.py wraps nn.Linear, transformers' Conv1D and nn.Embedding")
+    unchanged(lambda: nn.Sequential(nn.ConvTranspose2d(3, 3, 1)), lambda m: lora.add_lora(m, r=2, targets="0"),
+              TypeError, "module '0' .* is a ConvTranspose2d; lora.py wraps nn.Linear, transformers' Conv1D, nn.Embed")
 
 
 class TiedLM(nn.Module):
@@ -1034,10 +1037,10 @@ def test_each_layer_class_refuses_the_other_kind_of_base_before_freezing_it():
 def test_transformer_decoder_layer_adapters_count_in_eval_mode_too():
     torch.manual_seed(0)
     model = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    with pytest.warns(UserWarning, match=r"\['self_attn.out_proj', 'multihead_attn.out_proj'\]"):
-        assert lora.add_lora(model, r=2) == ["linear1", "linear2"]
+    assert lora.add_lora(model, r=2) == ["self_attn", "multihead_attn", "linear1", "linear2"]
     with torch.no_grad():
         model.linear2.lora_B.normal_()
+        model.multihead_attn.lora_B.normal_()
     x, memory = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
     train_out = model.train()(x, memory)
     with torch.no_grad():
@@ -1051,8 +1054,8 @@ def test_transformer_encoder_adapter_counts_in_eval_mode_and_no_grad_after_train
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     base = copy.deepcopy(model).eval()
-    with pytest.warns(UserWarning, match="out_proj"):
-        lora.add_lora(model, r=4, targets=None)
+    assert lora.add_lora(model, r=4, targets=None) == [f"layers.{i}.{n}" for i in (0, 1)
+                                                         for n in ("self_attn", "linear1", "linear2")]
     lora.mark_only_lora_as_trainable(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     x = torch.randn(3, 5, 16)
@@ -1158,7 +1161,7 @@ def test_loading_into_a_fresh_model_refuses_mismatches_before_changing_anything(
     sd = lora.lora_state_dict(trained_tiny())
     wrong_rank = {**sd, "layers.0.query.lora_A": torch.zeros(3, 8)}
     unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, wrong_rank), ValueError,
-              r"'layers.0.query': the adapter's lora_B has shape \(8, 2\), but this 8 -> 8 layer at r=3 needs")
+              r"'layers.0.query': the adapter's lora_B has shape \(8, 2\), but this layer at r=3 needs \(8, 3\)")
     wrong_head = {**sd, "head.weight": torch.zeros(3, 8)}
     unchanged(Tiny, lambda m: lora.load_lora_state_dict(m, wrong_head), ValueError, "shape mismatch for 'head.weight'")
     extra = {**sd, "classifier.weight": torch.zeros(2, 8)}
@@ -1254,3 +1257,208 @@ def test_float32_adapters_on_a_bf16_base_round_the_sum_once_as_peft_does():
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     exact = F.linear(x, base.weight, base.bias).float() + layer.scaling * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
     assert torch.equal(layer(x), exact.to(torch.bfloat16))
+
+
+# --- convolutions, PyTorch's attention, and what add_lora says --------------------------------------------------
+
+def conv_delta(layer):
+    """scaling · B ∘ A as a convolution weight, written independently of lora.py: B's 1×1 mixes A's r channels."""
+    A, B = layer.lora_A.double(), layer.lora_B.double()
+    return layer.scaling * torch.einsum("or,ri...->oi...", B.flatten(1), A)
+
+
+@pytest.mark.parametrize("make, size", [
+    (lambda: nn.Conv1d(3, 5, 3, stride=2, padding=1), (2, 3, 11)),
+    (lambda: nn.Conv2d(3, 5, (3, 2), padding="same", dilation=2, padding_mode="circular"), (2, 3, 9, 8)),
+    (lambda: nn.Conv3d(3, 5, 2, bias=False), (1, 3, 4, 5, 4))])
+def test_a_convolution_adds_the_conv_of_scaling_B_A_with_the_base_settings_and_merges_to_the_same_outputs(make, size):
+    torch.manual_seed(0)
+    base = make().double()
+    layer = lora.LoRAConv(copy.deepcopy(base), r=2, alpha=6)
+    assert layer.lora_A.shape == (2, 3, *base.kernel_size) and layer.lora_B.shape == (5, 2, *[1] * len(size[2:]))
+    x = torch.randn(size, dtype=torch.float64)
+    assert torch.equal(layer(x), base(x))  # B = 0: the base model, exactly
+    nn.init.normal_(layer.lora_B)
+    expected = base._conv_forward(x, base.weight + conv_delta(layer), base.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    adapters = (layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_())
+    assert torch.autograd.gradcheck(lambda A, B: torch.func.functional_call(layer, {"lora_A": A, "lora_B": B}, x),
+                                    adapters)
+    with lora.disable_lora(layer):
+        assert torch.equal(layer(x), base(x))
+    layer.eval().merge()
+    torch.testing.assert_close(layer.weight, base.weight + conv_delta(layer), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_grouped_convolution_and_dora_on_a_convolution_are_refused_naming_why_and_the_way_forward():
+    unchanged(lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), lambda m: lora.add_lora(m, r=2, targets="0"),
+              TypeError, r"groups=2: B ∘ A is a dense .* could not merge; leave it out of targets and adapt the "
+              "ungrouped convolutions beside it")
+    unchanged(lambda: nn.Sequential(nn.Conv2d(4, 4, 3)), lambda m: lora.add_lora(m, r=2, targets="0", use_dora=True),
+              TypeError, "is a Conv2d: use_dora=True wraps nn.Linear only .* second add_lora call with use_dora=False")
+
+
+def test_resnet18_wraps_every_conv_and_fc_trains_a_step_saves_loads_into_a_fresh_model_and_merges():
+    torchvision = pytest.importorskip("torchvision")
+
+    def resnet():
+        torch.manual_seed(0)
+        return torchvision.models.resnet18(weights=None, num_classes=10)
+    model = resnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out, nothing still training
+        wrapped = lora.add_lora(model, r=4)
+        lora.mark_only_lora_as_trainable(model)
+        assert wrapped == [n for n, m in resnet().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        model.train().apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # running stats stay
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        x = torch.randn(2, 3, 32, 32)
+        F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+        opt.step()
+    out = model.eval()(x)
+    assert not torch.allclose(out, resnet().eval()(x))
+    fresh = resnet()
+    lora.load_lora_state_dict(fresh, lora.lora_state_dict(model))
+    assert torch.equal(fresh.eval()(x), out)
+    merged = lora.merge_lora(fresh)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in resnet().modules()]
+    torch.testing.assert_close(merged(x), out, rtol=1e-5, atol=1e-5)
+
+
+def merged_copy(mha, layer):
+    """An nn.MultiheadAttention holding W + ΔW in place, built from the wrapped layer's A and B by hand."""
+    ref = copy.deepcopy(mha)
+    with torch.no_grad():
+        ref.in_proj_weight += layer.scaling * layer.lora_B @ layer.lora_A
+        ref.out_proj.weight += layer.out_proj.scaling * layer.out_proj.lora_B @ layer.out_proj.lora_A
+    return ref
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_computes_the_module_with_adapted_weights_in_training_eval_and_the_fast_path(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    layer = lora.LoRAMultiheadAttention(copy.deepcopy(mha), r=2, alpha=4)
+    for p in (layer.lora_B, layer.out_proj.lora_B):
+        nn.init.normal_(p)
+    ref = merged_copy(mha, layer)
+    x = torch.randn(3, 5, 16)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])  # (batch, seq)
+    if not batch_first:
+        mask = mask[: 5]
+    causal = nn.Transformer.generate_square_subsequent_mask(3 if not batch_first else 5)
+    calls = [dict(), dict(need_weights=False), dict(attn_mask=causal, average_attn_weights=False)]
+    if batch_first:
+        calls.append(dict(key_padding_mask=mask, need_weights=False))  # with no_grad in eval: PyTorch's fast path
+    for mode in ("train", "eval"):
+        for kwargs in calls:
+            for grad in (True, False):
+                with torch.set_grad_enabled(grad):
+                    ours, theirs = getattr(layer, mode)()(x, x, x, **kwargs), getattr(ref, mode)()(x, x, x, **kwargs)
+                for a, b in zip(ours, theirs):
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (layer(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-2
+    with lora.disable_lora(layer):
+        torch.testing.assert_close(layer(x, x, x)[0], mha(x, x, x)[0])
+    layer.merge()
+    torch.testing.assert_close(layer.in_proj_weight, ref.in_proj_weight)
+    torch.testing.assert_close(layer(x, x, x)[0], ref(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.in_proj_weight, mha.in_proj_weight)
+    layer(x, x, x)[0].pow(2).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B, layer.out_proj.lora_A,
+                                                layer.out_proj.lora_B))
+    assert layer.in_proj_weight.grad is None and layer.out_proj.weight.grad is None
+
+
+def test_multihead_attention_gradients_equal_the_float64_closed_form_of_attention_with_W_plus_BA():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    layer = lora.LoRAMultiheadAttention(copy.deepcopy(mha), r=2)
+    for p in (layer.lora_B, layer.out_proj.lora_B):
+        nn.init.normal_(p)
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+
+    def closed_form(A, B, A_o, B_o):
+        qkv = x @ (mha.in_proj_weight + B @ A).T + mha.in_proj_bias  # (N, L, 3E)
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in qkv.chunk(3, -1))  # (N, heads, L, E / heads)
+        heads = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v  # (N, heads, L, E / heads)
+        return heads.transpose(1, 2).flatten(2) @ (mha.out_proj.weight + B_o @ A_o).T + mha.out_proj.bias
+    adapters = [layer.lora_A, layer.lora_B, layer.out_proj.lora_A, layer.out_proj.lora_B]
+    expected = torch.autograd.grad(closed_form(*adapters).pow(2).sum(), adapters)
+    torch.testing.assert_close(layer(x, x, x)[0], closed_form(*adapters), rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(layer(x, x, x)[0].pow(2).sum(), adapters), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def fast_path_calls(monkeypatch):
+    """Count the calls of PyTorch's fused encoder layer, which reads the weights itself."""
+    calls, fused = [], torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or fused(*a))
+    return calls
+
+
+def test_self_attn_targets_on_an_encoder_count_in_eval_and_merge_lora_restores_its_fast_path(monkeypatch):
+    torch.manual_seed(0)
+    make = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    untouched, model = make().eval(), make()
+    model.load_state_dict(untouched.state_dict())
+    flags = lambda m: [m.use_nested_tensor] + [layer.activation_relu_or_gelu for layer in m.layers]
+    assert lora.add_lora(model, r=2, targets=["self_attn"]) == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert flags(model) == [False, 0, 0] and flags(untouched) == [True, 1, 1]
+    lora.mark_only_lora_as_trainable(model)
+    for _, layer in lora.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.2)
+    x = torch.randn(3, 5, 16)
+    calls = fast_path_calls(monkeypatch)
+    train_out = model.train()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), train_out)  # PyTorch's fast path would skip the adapter
+        assert not calls and (train_out - untouched(x)).abs().max() > 0.1
+    calls.clear()
+    fresh = make()
+    fresh.load_state_dict(untouched.state_dict())
+    lora.load_lora_state_dict(fresh, lora.lora_state_dict(model))
+    merged = lora.merge_lora(fresh.eval())
+    assert flags(merged) == flags(untouched)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in untouched.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), train_out, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # merged, eval and no_grad: the fused layer again, as in the untouched model
+
+
+def test_an_attention_with_its_own_kdim_and_dora_on_attention_are_refused_naming_why():
+    unchanged(lambda: nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, kdim=4, vdim=4)}),
+              lambda m: lora.add_lora(m, r=2, targets="attn"), TypeError, "kdim or vdim unlike embed_dim")
+    unchanged(lambda: nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)}),
+              lambda m: lora.add_lora(m, r=2, targets="attn", use_dora=True), TypeError, "use_dora=True wraps")
+
+
+def test_targets_none_warns_naming_the_kinds_and_counts_it_left_out():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1), nn.ConvTranspose2d(4, 4, 2),
+                          nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"left out .*\{'Conv2d with groups > 1': 2, 'ConvTranspose2d': 1\}; name one"):
+        assert lora.add_lora(model, r=2) == ["1", "5"]
+
+
+def test_the_first_training_forward_warns_once_if_most_parameters_still_train_and_not_after_freezing():
+    x = torch.randn(2, 784)
+    frozen = mlp()
+    lora.add_lora(frozen, r=2, targets="4")
+    lora.mark_only_lora_as_trainable(frozen)
+    forgot = mlp()
+    lora.add_lora(forgot, r=2, targets="4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frozen(x)
+        forgot.eval()(x)  # not training: no word yet
+        with torch.no_grad():
+            forgot.train()(x)
+    with pytest.warns(UserWarning, match=r"54,538 of the model's 54,863 parameters train: add_lora froze only the "
+                                         r"weights it wrapped. Call lora.mark_only_lora_as_trainable\(model\)") as rec:
+        forgot(x)
+        forgot(x)
+    assert len(rec) == 1

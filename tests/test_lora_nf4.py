@@ -10,6 +10,7 @@ bases differ, not the adapters. CPU, seconds.
 import copy
 import io
 import logging
+import warnings
 
 import pytest
 import torch
@@ -97,6 +98,14 @@ def test_the_training_step_keeps_no_dequantized_weight_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         model(torch.randn(6, 64, requires_grad=True)).sum().backward()
     assert (64, 64) not in saved and model.query.lora_A.grad is not None
+
+
+def test_the_4bit_weights_count_as_frozen_in_the_warning_that_most_parameters_train():
+    model, _ = qlora()
+    lora.mark_only_lora_as_trainable(model)  # adapters: 2 * 512 parameters; the 4-bit weights: 2 * 4096 values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 64))
 
 
 def test_the_base_keeps_its_state_dict_names():

@@ -566,14 +566,17 @@ def test_train_with_the_head_save_and_load_into_a_fresh_model_ours_and_peft_file
 def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_the_adapted_logits(tmp_path,
                                                                                                  monkeypatch):
     pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    if not (ROOT / "README.md").exists():
+        pytest.skip("no README.md beside lora.py: lora.py was copied without the repository")
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Use `lora.py`")[1].split("\n## ")[0]
     blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
-    exec(compile(blocks[1], "README.md", "exec"), scope)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
     model, ids = scope["model"].eval(), scope["ids"]
     from transformers import BertForSequenceClassification
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "finetuned").eval()
@@ -581,3 +584,161 @@ def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_t
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert "transformer.h.0.attn.c_attn" in [n for n, _ in lora.lora_layers(scope["gpt2"])]
     assert not isinstance(scope["gpt2"].lm_head, lora.LoRALayer)
+    assert sum(isinstance(m, lora.LoRAConv) for m in scope["resnet"].modules()) == 20
+    assert [n for n, _ in lora.lora_layers(scope["encoder"])] == [
+        f"layers.{i}.self_attn{p}" for i in (0, 1) for p in ("", ".out_proj")]
+
+
+# --- convolutions and PyTorch's attention, against PEFT --------------------------------------------------------
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(3, 6, 3, stride=2), nn.Conv2d(3, 6, 3, padding=1), nn.Conv3d(3, 6, 2)])
+def test_our_conv_layer_matches_peft_in_output_gradients_and_merged_weight(conv):
+    """Same W, A, B: the same output, gradients and merged weight as PEFT's Conv layer, in float64, with dropout."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = conv.double()
+    ours = lora.LoRAConv(copy.deepcopy(base), r=2, alpha=6, dropout=0.3).train()
+    nn.init.normal_(ours.lora_B)
+    config = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.3, target_modules=["proj"])
+    theirs = peft.get_peft_model(Holder(copy.deepcopy(base)), config).base_model.model.proj.train()
+    pairs = [(ours.lora_A, theirs.lora_A["default"].weight), (ours.lora_B, theirs.lora_B["default"].weight)]
+    with torch.no_grad():
+        for mine, their in pairs:
+            their.copy_(mine)
+    x = torch.randn(2, 3, *[7] * (base.weight.dim() - 2), dtype=torch.float64)
+    outputs = []
+    for layer in (ours, theirs):
+        torch.manual_seed(5)
+        outputs.append(layer(x))
+        outputs[-1].pow(2).sum().backward()
+    assert not torch.allclose(outputs[0], base(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for mine, their in pairs:
+        torch.testing.assert_close(mine.grad, their.grad, rtol=1e-12, atol=1e-12)
+    ours.eval().merge()
+    theirs.merge()
+    torch.testing.assert_close(ours.weight, theirs.base_layer.weight, rtol=1e-12, atol=1e-12)
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 3 * 3, 4)).eval()
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2).eval()
+
+
+def peft_path(model, name):
+    """Where PEFT keeps our layer `name`: an attention's out_proj is under its base_layer."""
+    return name.removesuffix("out_proj") + "base_layer.out_proj" if lora_peft._attention_part(model, name) else name
+
+
+def same_adapters_in_peft(ours, make, targets):
+    """PEFT's model of the same base with our A and B."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for n, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(peft_path(ours, n))
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    return theirs
+
+
+def zero_out_proj_updates(model):
+    """B = 0 on every attention's out_proj (ours or PEFT's), where PEFT 0.21.2 adds its update twice."""
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if n.endswith("out_proj.lora_B"):
+                m["default"].weight.zero_()
+            elif n.endswith("out_proj") and isinstance(m, lora.LoRALayer):
+                m.lora_B.zero_()
+
+
+def test_a_dilated_or_circular_convolution_is_refused_by_the_peft_writer_whose_format_drops_both(tmp_path):
+    for conv in (nn.Conv2d(3, 4, 3, dilation=2), nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")):
+        model = nn.Sequential(conv)
+        lora.add_lora(model, r=2)
+        with pytest.raises(ValueError, match=r"convolutions \['0'\] are dilated or pad other than with zeros"):
+            lora_peft.save_peft_adapter(model, tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
+
+
+def test_self_attn_adapters_match_peft_in_training_and_count_in_eval_where_peft_misses_them():
+    """PEFT 0.21.2's nn.MultiheadAttention LoRA is wrong twice: it merges around each call, but
+    nn.TransformerEncoderLayer's eval fast path reads the base weights itself, so in eval mode its adapter changes
+    nothing; and its merge adds out_proj's update twice (W + 2 ΔW, huggingface/peft#3774). Ours is W + ΔW in every
+    mode; with out_proj's B at zero it equals PEFT in training mode."""
+    ours = tiny_encoder()
+    lora.add_lora(ours, r=4, alpha=8, targets=["self_attn"])
+    lora.mark_only_lora_as_trainable(ours)
+    perturb(ours)
+    x = torch.randn(3, 5, 16)
+    base_out = tiny_encoder()(x)
+    doubled = copy.deepcopy(ours)
+    with torch.no_grad():
+        for layer in (doubled.layers[0].self_attn.out_proj, doubled.layers[1].self_attn.out_proj):
+            layer.lora_B.mul_(2)
+    theirs = same_adapters_in_peft(ours, tiny_encoder, ["self_attn"])
+    torch.testing.assert_close(theirs.train()(x), doubled.train()(x), rtol=1e-5, atol=1e-5)  # PEFT: W + 2 ΔW
+    assert (theirs(x) - ours.train()(x)).abs().max() > 0.1
+
+    zero_out_proj_updates(ours)
+    theirs = same_adapters_in_peft(ours, tiny_encoder, ["self_attn"])
+    train_out = ours.train()(x)
+    torch.testing.assert_close(theirs.train()(x), train_out, rtol=1e-5, atol=1e-5)
+    train_out.pow(2).mean().backward()
+    theirs(x).pow(2).mean().backward()
+    for n, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(peft_path(ours, n))
+        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    assert (train_out - base_out).abs().max() > 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), train_out, rtol=1e-5, atol=1e-5)  # ours: right in eval
+        torch.testing.assert_close(theirs.eval()(x), base_out, rtol=1e-5, atol=1e-5)  # PEFT: the base model's
+    merged, peft_merged = lora.merge_lora(ours), theirs.merge_and_unload()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+def assert_same_tensors(ours, theirs):
+    """Our layers' A and B are PEFT's, bit for bit."""
+    for n, layer in lora.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(peft_path(ours, n))
+        for ab in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(peft_layer, ab)["default"].weight, getattr(layer, ab)), (n, ab)
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_cnn, ["0", "2", "5"]), (tiny_encoder, ["self_attn", "linear1"])])
+def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, targets):
+    """The same tensors both ways, and PEFT's outputs where PEFT is right: in training mode (dropout 0), with
+    out_proj's B at zero (see above)."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(2, 3, 8, 8) if make is tiny_cnn else torch.randn(3, 5, 16)
+    ours = make()
+    lora.add_lora(ours, r=4, alpha=8, targets=targets)
+    lora.mark_only_lora_as_trainable(ours)
+    perturb(ours)
+    lora_peft.save_peft_adapter(ours, tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
+    assert_same_tensors(ours, in_peft)
+    zero_out_proj_updates(ours)
+    zero_out_proj_updates(in_peft)
+    assert not torch.allclose(ours(x), make()(x), atol=1e-3)
+    torch.testing.assert_close(in_peft.train()(x), ours(x), rtol=1e-5, atol=1e-5)
+
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = make()
+    assert lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs") == [n for n, _ in lora.lora_layers(ours)]
+    assert trainable(in_ours) == trainable(ours)
+    assert_same_tensors(in_ours, theirs)
+    zero_out_proj_updates(in_ours)
+    zero_out_proj_updates(theirs)
+    torch.testing.assert_close(in_ours(x), theirs.train()(x), rtol=1e-5, atol=1e-5)

@@ -113,39 +113,46 @@ def test_the_readme_facts_in_fixed_words_hold_for_the_mlp_experiment():
     results = storage.load_results(storage.Outputs("mlp")).set_index("method")
     full = results.loc["full"]
     assert full.trainable_params == (784 * 64 + 64) + (64 * 64 + 64) + (64 * 5 + 5)  # "MLP (784→64→64→5)"
-    assert json.loads(storage.Outputs("mlp").config.read_text())["config"]["tune_seeds"] == 2  # "two other seeds"
+    assert json.loads(storage.Outputs("mlp").config.read_text())["config"]["tune_seeds"] == 3  # "three other seeds"
     lora = results[(results.index != "full") & ~results.dora.astype(bool)]
     dora = results[results.dora.astype(bool)]
     assert (dora.trainable_params.to_numpy() - lora.trainable_params.to_numpy() == 133).all()  # notebook: "133"
 
 
-def test_the_generated_findings_say_what_the_intervals_say():
-    """report.findings, on a table made up so that each verdict is known: below, not distinguishable, above."""
-    rows = [("full", None, False, 0.98, 0, 0, 0), ("lora_r1", 1, False, 0.90, -0.08, -0.09, -0.07),
-            ("lora_r4", 4, False, 0.977, -0.005, -0.008, -0.002), ("lora_r16", 16, False, 0.979, -0.001, -0.004, 0.002),
-            ("dora_r1", 1, True, 0.91, -0.07, -0.08, -0.06), ("dora_r4", 4, True, 0.976, -0.004, -0.007, -0.001),
-            ("dora_r16", 16, True, 0.981, 0.001, 0.0005, 0.0015)]
+def test_the_generated_findings_say_what_the_verdicts_say():
+    """report.findings, on a table made up so that each verdict is known: below, matches, not distinguishable,
+    above; a diverged row is named once and left out of every other sentence."""
+    rows = [("full", None, False, 0.98, 0, 0, 0, ""), ("lora_r1", 1, False, 0.90, -0.08, -0.09, -0.07, "below"),
+            ("lora_r4", 4, False, 0.977, -0.005, -0.008, -0.002, "matches"),
+            ("lora_r16", 16, False, 0.979, -0.001, -0.004, 0.002, "matches"),
+            ("lora_r32", 32, False, 0.978, -0.002, -0.012, 0.008, "not distinguishable from"),
+            ("dora_r1", 1, True, 0.91, -0.07, -0.08, -0.06, "below"),
+            ("dora_r4", 4, True, 0.976, -0.004, -0.007, -0.001, "matches"),
+            ("dora_r16", 16, True, 0.981, 0.001, 0.0005, 0.0015, "above")]
     results = pd.DataFrame([{"method": m, "rank": r, "targets": "all" if r else None, "dora": d, "acc_B_mean": acc,
                              "acc_B_std": 0.001, "diff_vs_full": dm, "diff_vs_full_low": lo, "diff_vs_full_high": hi,
-                             "pct_params_vs_full": 10.0 * (r or 10), "seeds": 5,
+                             "verdict_vs_full": v, "pct_params_vs_full": 10.0 * (r or 10), "seeds": 5,
                              "diff_vs_lora": 0.01 if d else None, "diff_vs_lora_low": 0.005 if d else None,
-                             "diff_vs_lora_high": 0.015 if d else None} for m, r, d, acc, dm, lo, hi in rows])
+                             "diff_vs_lora_high": 0.015 if d else None, "verdict_vs_lora": "above" if d else ""}
+                            for m, r, d, acc, dm, lo, hi, v in rows])
     text = report.findings(results, show_targets=False)
-    assert "LoRA is below full finetuning at ranks 1 and 4 and not distinguishable from it at rank 16." in text
-    assert "DoRA is below full finetuning at ranks 1 and 4 and above it at rank 16." in text
-    assert "within one point of full finetuning is 4 (40% of its parameters, -0.50 (-0.80 to -0.20) points)" in text
+    assert ("LoRA is below full finetuning at rank 1, matches it (within ±1 point) at ranks 4 and 16 and is not "
+            "distinguishable from it at rank 32.") in text
+    assert "DoRA is below full finetuning at rank 1, matches it (within ±1 point) at rank 4 and is above it at rank 16." in text
+    assert "The smallest rank that matches it is 4 (40% of its parameters, -0.50 (-0.80 to -0.20) points)" in text
     assert "From rank 4 on its means lie within a quarter point of its best (0.9770 to 0.9790)." in text
-    assert "DoRA is above LoRA at ranks 1, 4 and 16" in text and "(6 comparisons with full finetuning" in text
+    assert "DoRA is above LoRA at ranks 1, 4 and 16" in text and "Holm-corrected over the 7 comparisons" in text
     falls_again = results.copy()  # LoRA's largest rank a point below its best: no rank from which it is flat
-    falls_again.loc[falls_again.method == "lora_r16", "acc_B_mean"] = 0.967
+    falls_again.loc[falls_again.method == "lora_r32", "acc_B_mean"] = 0.967
     text = report.findings(falls_again, show_targets=False)
-    assert "LoRA is below full finetuning at ranks 1 and 4" in text and "From rank 4 on" not in text
+    assert "LoRA is below full finetuning at rank 1" in text and "From rank 4 on its means" not in text
     assert "diverged" not in text  # no diverged_mean column: nothing said
     falls_again["diverged_mean"], falls_again["lr"] = 0.0, 0.01
     falls_again["rank"] = falls_again["rank"].astype("Int64")  # as summarize writes it
-    falls_again.loc[falls_again.method == "lora_r1", ["diverged_mean", "lr"]] = (0.6, 0.1)
+    falls_again.loc[falls_again.method == "lora_r1", ["diverged_mean", "lr", "verdict_vs_full"]] = (0.6, 0.1, "")
     text = report.findings(falls_again, show_targets=False)
     assert text.count("diverged") == 1 and "LoRA r=1 diverged on 3 of 5 seeds at its learning rate 0.1" in text
+    assert "at rank 1" not in text.split("no verdict or sentence here rests on it.")[1].split("DoRA")[0]
 
 
 def test_the_transformer_notebook_pairs_target_sets_at_the_parameter_count_it_names():

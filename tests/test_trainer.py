@@ -2,6 +2,7 @@
 after training."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,13 +10,13 @@ import torch
 import lora
 from experiments.mnist.models import make_mlp
 from experiments.plain_loop import plain_fit
-from experiments.trainer import fit, stack
+from experiments.trainer import CosineAdam, fit, lr_factor, stack, warmup_steps
 
 
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(320, 784, generator=g)
+    x = 3 * torch.randn(320, 784, generator=g)  # gradients above MAX_GRAD_NORM: clipping is exercised
     y = torch.randint(0, 5, (320,), generator=g)
     return x, y
 
@@ -94,6 +95,56 @@ def test_stacked_learning_rates_give_the_weights_of_separate_plain_loops(data):
         for name, p in m.named_parameters():
             assert_same_weights(params[name][i], p)
     assert not torch.allclose(params["0.weight"][0], params["0.weight"][2])  # the learning rates made a difference
+
+
+def test_clipping_is_on_where_the_stacked_and_plain_loops_are_compared(data):
+    """The comparisons above run through the clipping branch: the MLP's first gradient is above MAX_GRAD_NORM."""
+    torch.manual_seed(0)
+    model = make_mlp(dropout=0.0)
+    x, y = data
+    torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")) > 1.0
+
+
+def test_the_schedule_warms_up_linearly_over_6_percent_then_follows_a_cosine_to_zero():
+    total = 1000
+    assert warmup_steps(total) == 60 and warmup_steps(10) == 1
+    assert [lr_factor(t, total) for t in (0, 29, 59)] == pytest.approx([1 / 60, 0.5, 1.0])
+    assert lr_factor(60, total) == 1.0
+    assert lr_factor(60 + 470, total) == pytest.approx(0.5)  # half way through the 940 cosine steps
+    assert lr_factor(999, total) == pytest.approx((1 + math.cos(math.pi * 939 / 940)) / 2)
+
+
+def test_each_stacked_model_steps_at_its_own_lr_times_the_schedule():
+    """With a constant gradient Adam's bias-corrected m / sqrt(v) is exactly 1, so every step moves a weight by
+    the learning rate of that step: lr * lr_factor(t), for each model at its own lr."""
+    lrs, total = [1e-2, 3e-1], 50
+    p = torch.zeros(2, 3)
+    opt = CosineAdam([p], lrs, total_steps=total, eps=0.0)
+    for t in range(total):
+        p.zero_()  # from zero, so that the step is read without cancellation
+        opt.step([torch.full((2, 3), 1e-3)])  # far below the clipping norm
+        moved = -p[:, 0]
+        assert moved.tolist() == pytest.approx([lr * lr_factor(t, total) for lr in lrs], rel=1e-5)
+
+
+def test_each_stacked_model_is_clipped_by_its_own_gradient_norm_as_clip_grad_norm_does():
+    g = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
+    g[0] *= 100  # model 0 far above the norm 1.0, model 1 at about 10, model 2 below
+    g[2] *= 1e-3
+    h[2] *= 1e-3
+    clipped = CosineAdam([g, h], [1.0] * 3, total_steps=1).clip([g, h])
+    for s in range(3):
+        alone = [g[s].clone(), h[s].clone()]
+        params = [torch.zeros_like(t, requires_grad=True) for t in alone]
+        for q, a in zip(params, alone):
+            q.grad = a
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        assert torch.allclose(clipped[0][s], params[0].grad, rtol=1e-6, atol=0)
+        assert torch.allclose(clipped[1][s], params[1].grad, rtol=1e-6, atol=0)
+    assert torch.equal(clipped[0][2], g[2])  # below the norm: untouched
+    assert torch.linalg.vector_norm(torch.cat([clipped[0][0].flatten(), clipped[1][0]])) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_fit_refuses_a_learning_rate_count_that_is_not_the_model_count(data):

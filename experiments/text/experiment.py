@@ -18,8 +18,8 @@ import lora
 
 from .. import figures, report, trainer
 from ..methods import Method
-from ..protocol import TUNING_SEED, Experiment
-from ..storage import DATA_DIR, ROOT, Outputs
+from ..protocol import TUNING_SEED, Experiment, diverged
+from ..storage import DATA_DIR, ROOT, Outputs, pack_bits
 from ..trainer import set_seed
 from . import data, stacked, table
 from .config import TextConfig
@@ -94,15 +94,16 @@ def features(setup: TextSetup, cfg: TextConfig) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(logits_of, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[float], list[float]]:
-    """Each stacked model's (accuracy, mean cross-entropy) on a split; logits_of(x chunk) -> (S, B, 2)."""
+def evaluate(logits_of, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    """Each stacked model's right answers (S, N) bool and mean cross-entropy on a split; logits_of(x chunk) ->
+    (S, B, 2)."""
     x, y = split
-    correct, loss = 0, 0
+    right, loss = [], 0
     for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
         logits = logits_of(xb)  # (S, B, 2)
-        correct = correct + (logits.argmax(-1) == yb).sum(1)
+        right.append(logits.argmax(-1) == yb)
         loss = loss + F.cross_entropy(logits.transpose(1, 2), yb.expand(len(logits), -1), reduction="none").sum(1)
-    return (correct / len(y)).tolist(), (loss / len(y)).tolist()
+    return torch.cat(right, dim=1), (loss / len(y)).tolist()
 
 
 def fit_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[float], seeds: list[int],
@@ -151,22 +152,29 @@ def train_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[f
     _, losses, logits_of, trainable, alpha = fit_stacked(cfg, setup, method, lrs, seeds, feats)
     inputs = {name: (feats[name] if method.kind == "head" else setup.splits[name][0], setup.splits[name][1])
               for name in ("val", "test")}
-    (val_acc, val_loss) = evaluate(logits_of, inputs["val"])
+    val_right, val_loss = evaluate(logits_of, inputs["val"])
     nan = [float("nan")] * len(seeds)
-    (test_acc, test_loss) = evaluate(logits_of, inputs["test"]) if test else (nan, nan)
+    test_right, test_loss = evaluate(logits_of, inputs["test"]) if test else (None, nan)
     seconds = (time.perf_counter() - start) / len(seeds)  # each model's share of the job
-    return [{"method": method.name, "kind": method.kind, "rank": method.rank,
-             "targets": method.target_set if method.kind == "lora" else None, "alpha": alpha, "lr": lr, "seed": s,
-             "trainable_params": trainable, "val_acc": val_acc[i], "val_loss": val_loss[i], "test_acc": test_acc[i],
-             "test_loss": test_loss[i], "seconds": seconds, "loss_first_epoch": losses[i][0],
-             "loss_last_epoch": losses[i][-1]} for i, (lr, s) in enumerate(zip(lrs, seeds))]
+    records = [{"method": method.name, "kind": method.kind, "rank": method.rank,
+                "targets": method.target_set if method.kind == "lora" else None, "alpha": alpha, "lr": lr, "seed": s,
+                "trainable_params": trainable, "val_acc": val_right[i].float().mean().item(),
+                "val_correct": int(val_right[i].sum()), "val_loss": val_loss[i], "test_acc": nan[i],
+                "test_loss": test_loss[i], "seconds": seconds, "loss_first_epoch": losses[i][0],
+                "loss_last_epoch": losses[i][-1]} for i, (lr, s) in enumerate(zip(lrs, seeds))]
+    if test_right is not None:
+        for r, right in zip(records, test_right.cpu()):
+            r.update(test_acc=right.float().mean().item(), test_correct=pack_bits(right))
+    return records
 
 
 class TextExperiment(Experiment):
     """MiniLM-L6 on one movie-review task: linear probe, full finetuning, LoRA on three target sets."""
     metric, val_metric = "test_acc", "val_acc"
     per_seed_columns = ("method", "kind", "rank", "targets", "alpha", "lr", "seed", "trainable_params", "val_acc",
-                        "val_loss", "test_acc", "test_loss", "seconds", "loss_first_epoch", "loss_last_epoch")
+                        "val_loss", "test_acc", "test_loss", "seconds", "loss_first_epoch", "loss_last_epoch",
+                        "test_correct")
+    classes = 2
     cache = ROOT / "runs" / "text"
 
     def __init__(self, cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR):
@@ -195,8 +203,8 @@ class TextExperiment(Experiment):
 
     def summarize(self, per_seed: pd.DataFrame) -> pd.DataFrame:
         cfg = self.cfg
-        return report.summarize(per_seed, self.methods, self.metric,
-                                budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
+        return report.summarize(per_seed.assign(diverged=diverged(per_seed["loss_last_epoch"], self.classes)),
+                                self.methods, self.metric, ("diverged",), budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
 
     def plot(self, results: pd.DataFrame):
         cfg = self.cfg

@@ -8,13 +8,15 @@ from pathlib import Path
 import pandas as pd
 
 from .. import report
+from ..protocol import stuck_at_grid_end
 from ..storage import ROOT, Outputs, atomic_write
 from .config import TASKS
 
 TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "imdb": "IMDB"}
 COLUMNS = {"method": "method", "rank": "rank", "targets": "targets", "trainable_params": "trainable_params",
            "test_acc_mean": "acc_mean", "test_acc_std": "acc_std", "seeds": "seeds", "diff_vs_full": "diff_vs_full",
-           "diff_vs_full_low": "diff_vs_full_low", "diff_vs_full_high": "diff_vs_full_high", "lr": "lr",
+           "diff_vs_full_low": "diff_vs_full_low", "diff_vs_full_high": "diff_vs_full_high",
+           "verdict_vs_full": "verdict_vs_full", "diverged_mean": "diverged_mean", "lr": "lr",
            "epochs": "epochs", "max_len": "max_len"}
 
 
@@ -57,54 +59,46 @@ def table2(combined: pd.DataFrame) -> pd.DataFrame:
                                     rows.to_dict("index").items()])
         cells.setdefault("trainable params", rows["trainable_params"].map("{:,}".format).tolist())
         label = TASK_LABELS[task]
-        cells[f"{label}: accuracy"] = [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(rows.acc_mean, rows.acc_std)]
+        cells[f"{label}: accuracy"] = [f"{100 * m:.2f} ± {100 * s:.2f}" + report.diverged_note(r)
+                                        for (_, r), m, s in zip(rows.iterrows(), rows.acc_mean, rows.acc_std)]
         cells[f"{label}: − full, points (95% interval)"] = [
             report.interval(*v) or "—" for v in zip(rows.diff_vs_full, rows.diff_vs_full_low, rows.diff_vs_full_high)]
+        cells[f"{label}: verdict"] = rows.verdict_vs_full.fillna("").tolist()
     return pd.DataFrame(cells)
 
 
 def verdicts(combined: pd.DataFrame) -> str:
-    """Per task, which methods the paired 95% intervals put below, above, or not distinguishable from full
-    finetuning, and how many comparisons that rests on."""
+    """Per task, which methods match, lie below or above, or are not distinguishable from full finetuning
+    (Holm-corrected over the task's comparisons), and what that says of the paper's claim."""
     lines = []
     for task, rows in combined.groupby("task", sort=False):
-        others = rows[rows.method != "full"]
+        judged = rows[rows.verdict_vs_full.fillna("") != ""]
         groups = {}
-        for _, r in others.iterrows():
-            groups.setdefault(report.verdict(r.diff_vs_full_low, r.diff_vs_full_high), []).append(
-                report.method_label(r))
-        said = "; ".join(f"{v} full finetuning: {', '.join(ms)}" for v, ms in groups.items())
-        qv = rows[rows.targets == "qv"]
-        holds = [f"r={r['rank']}" for _, r in qv.iterrows() if r.diff_vs_full_high >= 0]
-        claim = (f"LoRA on Wq, Wv is not distinguishable from full finetuning (or above it) at {', '.join(holds)}"
-                 if holds else "LoRA on Wq, Wv is below full finetuning at every rank: the paper's claim is not "
-                 "reproduced under this budget")
-        close_qv = qv.loc[qv.diff_vs_full.idxmax()]
-        lora_rows = rows[rows.targets.notna()]
-        close = lora_rows.loc[lora_rows.diff_vs_full.idxmax()]
-        closest = (f"the closest of them is {report.method_label(close_qv)}, "
-                   f"{report.interval(close_qv.diff_vs_full, close_qv.diff_vs_full_low, close_qv.diff_vs_full_high)}"
-                   " points")
-        if close.method != close_qv.method:
-            closest += (f", and of every LoRA variant {report.method_label(close)}, "
-                        f"{report.interval(close.diff_vs_full, close.diff_vs_full_low, close.diff_vs_full_high)}")
-        lines.append(f"- **{TASK_LABELS[task]}** ({len(others)} comparisons, each its own 95% interval over "
-                     f"{int(rows.seeds.min())} paired seeds, uncorrected): {said}. Here {claim}; {closest}.")
+        for _, r in judged.iterrows():
+            groups.setdefault(r.verdict_vs_full, []).append(report.method_label(r))
+        said = "; ".join(f"{report.verdict_phrase(v, 'full finetuning')}: {', '.join(ms)}" for v, ms in groups.items())
+        qv = judged[judged.targets == "qv"]
+        matches = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full in ("matches", "above")]
+        unclear = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full == "not distinguishable from"]
+        if matches:
+            claim = f"LoRA on Wq, Wv matches full finetuning within ±1 point (or is above it) at {', '.join(matches)}"
+        elif unclear:
+            claim = (f"LoRA on Wq, Wv neither matches full finetuning within ±1 point nor is shown below it at "
+                     f"{', '.join(unclear)}: the data cannot settle the paper's claim there")
+        else:
+            claim = "LoRA on Wq, Wv is below full finetuning at every rank: the paper's claim is not reproduced"
+        lines.append(f"- **{TASK_LABELS[task]}** ({len(judged)} comparisons over {int(rows.seeds.min())} paired "
+                     f"seeds, Holm-corrected): {said}. Here {claim}, at this budget.")
     return "\n".join(lines)
 
 
 def grid_edges(combined: pd.DataFrame, root: Path = ROOT) -> str:
-    """Which methods took the smallest or largest learning rate of their grid: their search may have stopped short."""
-    parts = []
-    for task, rows in combined.groupby("task", sort=False):
-        grid = json.loads(Outputs(f"text_{task}", root).learning_rates.read_text())["config"]["lr_grid"]
-        edge = rows[rows.lr.isin([min(grid), max(grid)])]
-        if len(edge):
-            parts.append(f"{TASK_LABELS[task]}: " + ", ".join(f"{report.method_label(r)} at {r.lr:g}"
-                                                             for _, r in edge.iterrows()))
+    """Which methods' best rate stayed at an end of their grid after it grew as far as the protocol allows."""
+    parts = [f"{TASK_LABELS[task]}: {method}" for task in combined.task.unique()
+             for method in stuck_at_grid_end(pd.read_csv(Outputs(f"text_{task}", root).lr_search))]
     if not parts:
-        return "Every chosen learning rate lies inside its grid."
-    return ("Chosen at an end of the grid, so a wider search might move them: " + "; ".join(parts) + ".")
+        return "Every method's best learning rate lies inside its grid (grown where it needed to)."
+    return "Best at an end of the grid even after growing it: " + "; ".join(parts) + "."
 
 
 def readme_block(root: Path = ROOT) -> str:
