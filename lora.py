@@ -16,6 +16,9 @@ on a CNN, its convolutions too, which "all-linear" skips; it warns naming the ki
 - nn.Linear, and subclasses that keep its forward; one with its own forward (a quantized layer, say) is refused:
   its output is not F.linear of its .weight, so neither the base term nor a merge would be what it computes.
 - transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
+- nf4.py's LinearNF4 (QLoRA), by class name: the base term is its own output (its 4-bit W dequantized), adapters
+  float32 by default. merge() is refused (folding ΔW into 4 bits would round it again); merge_lora gives an
+  nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
 - nn.Embedding, by name, as PEFT: A (r, num_embeddings), B (dim, r); the looked-up row of (alpha / r) · (B A)ᵀ is
   added to W's row, and the padding_idx row stays W's. max_norm and sparse are refused; dropout does not apply.
 - nn.Conv1d/2d/3d, as PEFT: A is a convolution like the base's (kernel, stride, padding, dilation) with r output
@@ -110,7 +113,10 @@ TORCH_BASES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Mult
 
 def _kind(module: nn.Module) -> str | None:
     """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", "conv" (nn.Conv1d/2d/3d),
-    "mha" (nn.MultiheadAttention), or None if not wrappable."""
+    "mha" (nn.MultiheadAttention), "nf4" (nf4.py's LinearNF4: its weight is an NF4Weight module with .dequantize(),
+    .linear(x, b), .shape, .dtype), or None if not wrappable."""
+    if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "linear", None)):
+        return "nf4"
     for cls, kind in zip(TORCH_BASES, ("linear", "embedding", "conv", "conv", "conv", "mha")):
         if isinstance(module, cls):
             return kind
@@ -210,6 +216,8 @@ class LoRALayer(nn.Module):
         # The base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra memory.
         for n, p in base._parameters.items():
             setattr(self, n, p if p is None else p.requires_grad_(False))
+        if self.kind == "nf4":  # its W is a module (the 4-bit codes and their scales): kept, under the same names
+            self.weight = base.weight
         if adapter_dtype is None:  # float32 adapters on a half-precision base, as PEFT: see the module docstring
             half = self.weight.dtype in (torch.float16, torch.bfloat16)
             adapter_dtype = torch.float32 if half else self.weight.dtype
@@ -274,7 +282,8 @@ class LoRALayer(nn.Module):
                              "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
                              "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
                              "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
-        merged = self._precise_delta_weight().add_(self.weight)  # float32 or wider: W + s B A
+        w = self.weight.dequantize() if self.kind == "nf4" else self.weight  # NF4: the W the adapter trained on
+        merged = self._precise_delta_weight().add_(w)  # float32 or wider: W + s B A
         norm = None
         if self.use_dora:
             norm = torch.linalg.vector_norm(merged, dim=1)  # (out,): the precise W + s B A is here already
@@ -304,6 +313,9 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             return
+        if self.kind == "nf4":
+            raise TypeError("merge() would fold ΔW into the 4-bit weight, rounding it to NF4 again and losing most of "
+                            "the update; merge_lora(model) gives an nn.Linear holding the dequantized W + ΔW instead")
         merged, norm = self._fold()  # raises before anything changes
         if self.use_dora and (self.lora_magnitude == 0).any():
             raise ValueError("lora_magnitude has zeros: merging would zero those rows of W for good, so unmerge() "
@@ -387,6 +399,8 @@ class LoRALinear(LoRALayer):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """W x + b as the base layer computes it."""
+        if self.kind == "nf4":  # LinearNF4's forward: F.linear(x, W, b), its 4-bit W dequantized (again in backward)
+            return self.weight.linear(x, self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # Conv1D: (N, in) @ (in, out) + b, as transformers computes it
@@ -404,7 +418,8 @@ class LoRALinear(LoRALayer):
         x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2  # p = 0: no copy of x
         # In place below is safe: linear's backward needs its inputs, never its output.
         u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        if self.lora_A.dtype != x.dtype:  # float32 adapter on a half-precision base: add in float32, round once
+        # A float32 adapter on a half-precision base: add in float32, round once. NF4: no W for addmm below.
+        if self.lora_A.dtype != x.dtype or self.kind == "nf4":
             delta = F.linear(u, self.lora_B).view(*x.shape[:-1], self.out_features)  # (N, r) @ (r, out)
             return (self._base(x) + delta).to(x.dtype)
         v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
@@ -519,7 +534,7 @@ class LoRAMultiheadAttention(LoRALayer):
 
 
 LAYERS = {"linear": LoRALinear, "conv1d": LoRALinear, "embedding": LoRAEmbedding, "conv": LoRAConv,
-          "mha": LoRAMultiheadAttention}
+          "mha": LoRAMultiheadAttention, "nf4": LoRALinear}
 
 
 # ─── adding and freezing ──────────────────────────────────────────────────────────────────────────────────────
@@ -576,7 +591,7 @@ def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why
                         f"would ignore an adapter there; target the attention itself ({name.rpartition('.')[0]!r}): "
                         "lora.py adapts its in_proj and out_proj together")
     _check_base(module, name=label, use_dora=use_dora)
-    if len(tied := [n for n in owners[id(_weight(module))] if n != name]):
+    if len(tied := [n for n in owners.get(id(_weight(module)), []) if n != name]):
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
@@ -648,6 +663,7 @@ def _warn_if_mostly_trainable(model: nn.Module, args) -> None:
         for key in [k for k, h in model._forward_pre_hooks.items() if h is _warn_if_mostly_trainable]:
             del model._forward_pre_hooks[key]
         trainable, total = count_parameters(model)
+        total += sum(m.shape.numel() for m in model.modules() if type(m).__name__ == "NF4Weight")  # frozen, 4-bit
         if trainable > total / 2:
             warnings.warn(f"{trainable:,} of the model's {total:,} parameters train: add_lora froze only the weights "
                           "it wrapped. Call lora.mark_only_lora_as_trainable(model) before training (modules_to_save="
@@ -870,11 +886,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
             raise ValueError(f"layer {name!r}: {e}") from None
     with torch.no_grad():
         for name, layer in layers:
-            if not layer.merged:
-                layer.weight.copy_(layer._fold()[0])
-            base = copy.copy(layer.base_skeleton)
-            base._parameters = {n: layer._parameters.get(n) for n in base._parameters}
-            base._modules = {n: getattr(layer, n) for n in base._modules}  # an attention's out_proj: given back next
+            if layer.kind == "nf4":  # a plain nn.Linear: dequantized W + ΔW, never the W before quantization
+                base = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+                base.weight, base.bias = nn.Parameter(layer._fold()[0], requires_grad=False), layer.bias
+            else:
+                if not layer.merged:
+                    layer.weight.copy_(layer._fold()[0])
+                base = copy.copy(layer.base_skeleton)
+                base._parameters = {n: layer._parameters.get(n) for n in base._parameters}
+                base._modules = {n: getattr(layer, n) for n in base._modules}  # an attention's out_proj: next
             base.train(layer.training)
             _set_submodule(model, name, base)
     for m in model.modules():  # no adapter remains: PyTorch's fast path again, where _wrap switched it off
