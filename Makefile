@@ -12,6 +12,7 @@ PY     := $(VENV)/bin/python
 run: data
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
 	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_qlora.ipynb
 	$(PY) -m experiments readme --experiment mlp
 	$(PY) -m experiments readme --experiment transformer
 	if $(PY) -m experiments has-gpu --experiment text; then $(MAKE) text; fi

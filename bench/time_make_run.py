@@ -36,6 +36,8 @@ def main():
         "conditions": ("virtual environment installed, run cache as the previous run left it" if args.warm
                        else "virtual environment installed, run cache empty"),
         "date": datetime.date.today().isoformat()})
+    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "experiments", "readme", "--experiment", "mlp"],
+                   cwd=ROOT, check=True)  # the README's time line, from the file just written
     print(f"make run: {seconds:.0f} s")
 
 
