@@ -241,9 +241,9 @@ def test_every_lora_run_used_alpha_equal_to_r():
         assert len(lora) and (lora.alpha == lora["rank"]).all(), name
 
 
-def test_the_readme_speed_summary_quotes_bench_results():
-    """The README's speed lines, each next to the bench/RESULTS.md record it rounds (issue 19's before and after)."""
-    readme = " ".join((ROOT / "README.md").read_text().split())
+def test_the_speed_history_quotes_bench_results():
+    """bench/README.md's history of issue 19's speed-up, each claim next to the bench/RESULTS.md record it rounds."""
+    readme = " ".join((ROOT / "bench" / "README.md").read_text().split())
     results = (ROOT / "bench" / "RESULTS.md").read_text()
     before, after = results.split("## Issue 19: before")[1].split("## Issue 19: after")
     claims = {"MLP's search takes 75 s and its sweep 53 s": (after, ["**75.15**", "**52.64**"]),
@@ -280,3 +280,17 @@ def test_the_committed_results_record_their_environment_and_the_quick_start_is_o
         assert {"python", "torch", "device", "device_name", "cpu_threads"} <= env.keys(), name
     quick_start = readme.splitlines().index("```python")
     assert quick_start < 60, "the lora.py quick start must stay within the README's first screen"
+
+
+def test_the_readme_qlora_numbers_are_the_qlora_notebooks_outputs():
+    readme = (ROOT / "README.md").read_text()
+    part = " ".join(readme.split("## QLoRA")[1].split("```")[0].split())
+    cells = code_cells(nbformat.read(ROOT / "lora_qlora.ipynb", as_version=4))
+    printed = "".join(o.get("text", "") for c in cells for o in c.outputs)
+    errors = re.search(r"all 36 linears, mean: NF4 ([\d.]+)%\s+uniform 4-bit ([\d.]+)%", printed)
+    bits = dict(re.findall(r"double_quant=(\w+)\s*: ([\d.]+) bits per weight", printed))
+    sizes = re.search(r"36 linears: ([\d.]+) MiB in float32 -> ([\d.]+) MiB in NF4", printed)
+    assert errors and bits and sizes
+    assert (f"NF4's error is {errors[1]}% of the weights' RMS against {errors[2]}% for 16 evenly spaced levels, at "
+            f"{bits['True']} bits per weight with double quantization ({bits['False']} without), {sizes[1]} MiB of "
+            f"float32 weights in {sizes[2]} MiB") in part
