@@ -2,17 +2,23 @@
 with the noise of the seeds and of the test set in its interval, tested with Holm's correction.
 
 Every method of one seed starts from the same pretrained weights and sees the same data order, so methods are
-compared seed by seed. The difference of two methods, as 0/1 scores D[s, i] on seed s and test example i, has two
-sources of noise: the seeds (another seed trains another model) and the test set (another sample of examples
-would score otherwise). Its standard error adds the two (the crossed two-way design's usual approximation):
+compared seed by seed, on the same test examples. The difference of two methods, as scores D[s, i] in {-1, 0, 1}
+on seed s and test example i, has two sources of noise: the seeds (another seed trains another model) and the
+test set (another sample of examples would score otherwise). With D = mu + a_s + b_i + e_si (seed, example and
+residual effects, a crossed two-way design), the mean over S seeds and N examples has variance
 
-    SE² = var_s(d_s) / S + var_i(D̄_i) / N        d_s: seed s's mean over examples, D̄_i: example i's mean over seeds
+    var = var(a) / S + var(b) / N + var(e) / (S N) = (MS_seed + MS_example - MS_residual) / (S N)
 
-which counts the seed-by-example noise twice (it is in both terms), so errs wide. The interval is
-mean ± t(S - 1) · SE, with the seeds' S - 1 degrees of freedom. Without per-example scores the second term is
-left out: the interval over seeds alone. A difference is called real only when Holm's correction over its
-family (all comparisons of one column of one table) still rejects zero; "matches" only when the whole interval,
-at Holm's corrected level, lies within ±1 point (two one-sided tests against the margin).
+in the two-way analysis of variance's mean squares, which is how it is estimated here (where the example term
+comes out negative, it is dropped: the seeds' term alone). The interval is mean ± t · SE with Satterthwaite's
+degrees of freedom for that combination of mean squares: about S - 1 where the seeds' noise dominates, many more
+where the test set's does. Without per-example scores only the seeds' term is there: Student's t-interval over the
+per-seed differences. tests/test_report.py checks the formula on a known case and its coverage by simulation.
+
+Verdicts: "below" / "above" where Holm's correction over the family (one column of one table: every method
+against full finetuning, or DoRA against LoRA) rejects "no difference"; "matches" where it rejects "a difference
+of at least MARGIN" with the whole interval inside ±MARGIN (two one-sided tests, p doubled so that it matches the
+95% interval). Each of the two kinds of verdict is Holm-corrected on its own, at 5% familywise.
 """
 
 import math
@@ -39,18 +45,19 @@ def mean_ci(values, level: float = LEVEL) -> tuple[float, float, float]:
 
 def difference(d: np.ndarray, items: np.ndarray | None = None, level: float = LEVEL) -> dict:
     """The paired difference from per-seed differences d (S,) and, where known, the per-example differences
-    items (S, N) in {-1, 0, 1}: its mean, interval, the p-value of "no difference" and of "a difference of at
-    least MARGIN" (the larger of the two one-sided tests, doubled so that it is below 1 - level exactly when the
-    whole interval lies inside ±MARGIN)."""
+    items (S, N) in {-1, 0, 1} (then d is their row means): its mean, interval, degrees of freedom, the p-value of
+    "no difference" and of "a difference of at least MARGIN" (the larger of the two one-sided tests, doubled so
+    that it is below 1 - level exactly when the whole interval lies inside ±MARGIN)."""
     d = np.asarray(d, dtype=np.float64)
     S, mean = len(d), float(np.mean(d))
     if S < 2:
-        return {"diff_mean": mean, "diff_low": math.nan, "diff_high": math.nan, "p": math.nan, "p_match": math.nan}
-    var = d.var(ddof=1) / S
+        return {"diff_mean": mean, "diff_low": math.nan, "diff_high": math.nan, "df": math.nan, "p": math.nan,
+                "p_match": math.nan}
+    var, df = d.var(ddof=1) / S, S - 1  # the seeds' term alone
     if items is not None:
-        var += items.mean(0).var(ddof=1) / items.shape[1]
+        var, df = crossed_variance(np.asarray(items, dtype=np.float64))
     se = math.sqrt(var)
-    t = stats.t(S - 1)
+    t = stats.t(df)
     half = t.ppf(0.5 + level / 2) * se
     if se == 0:
         p = 1.0 if mean == 0 else 0.0
@@ -58,7 +65,26 @@ def difference(d: np.ndarray, items: np.ndarray | None = None, level: float = LE
     else:
         p = 2 * t.sf(abs(mean) / se)
         p_match = min(1.0, 2 * max(t.sf((mean + MARGIN) / se), t.sf((MARGIN - mean) / se)))
-    return {"diff_mean": mean, "diff_low": mean - half, "diff_high": mean + half, "p": p, "p_match": p_match}
+    return {"diff_mean": mean, "diff_low": mean - half, "diff_high": mean + half, "df": df, "p": p,
+            "p_match": p_match}
+
+
+def crossed_variance(D: np.ndarray) -> tuple[float, float]:
+    """(variance of D's grand mean, its Satterthwaite degrees of freedom) for a seeds x examples table D (S, N):
+    (MS_seed + MS_example - MS_residual) / (S N), the example term dropped where it comes out negative."""
+    S, N = D.shape
+    grand = D.mean()
+    seed_means, example_means = D.mean(1), D.mean(0)  # (S,), (N,)
+    ss_seed = N * ((seed_means - grand) ** 2).sum()
+    ss_example = S * ((example_means - grand) ** 2).sum()
+    ss_residual = max(((D - grand) ** 2).sum() - ss_seed - ss_example, 0.0)
+    ms_seed, ms_example = ss_seed / (S - 1), ss_example / (N - 1)
+    ms_residual = ss_residual / ((S - 1) * (N - 1))
+    if ms_example <= ms_residual:  # no example effect to estimate: the seeds' term alone, S - 1 degrees of freedom
+        return ms_seed / (S * N), S - 1
+    total = ms_seed + ms_example - ms_residual
+    denominator = ms_seed ** 2 / (S - 1) + ms_example ** 2 / (N - 1) + ms_residual ** 2 / ((S - 1) * (N - 1))
+    return total / (S * N), total ** 2 / denominator if denominator > 0 else math.inf
 
 
 def paired_differences(per_seed: pd.DataFrame, metric: str, baseline: str = "full") -> pd.DataFrame:

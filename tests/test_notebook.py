@@ -294,3 +294,12 @@ def test_the_readme_qlora_numbers_are_the_qlora_notebooks_outputs():
     assert (f"NF4's error is {errors[1]}% of the weights' RMS against {errors[2]}% for 16 evenly spaced levels, at "
             f"{bits['True']} bits per weight with double quantization ({bits['False']} without), {sizes[1]} MiB of "
             f"float32 weights in {sizes[2]} MiB") in part
+
+
+def test_the_readmes_cpu_against_gpu_counts_are_bench_results_section_8():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    section = (ROOT / "bench" / "RESULTS.md").read_text().split("### 8. Issue 24: the MLP table")[1].split("###")[0]
+    for claim in ("14 of 15 learning rates the same", "12 of 15 means within one seed standard deviation",
+                  "13 of 15 verdicts the same"):
+        assert claim in readme and claim in section, claim
+    assert "LoRA r=16 below → matches; LoRA r=32 below → matches" in section

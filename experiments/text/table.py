@@ -123,8 +123,8 @@ def weights_and_environment(root: Path = ROOT) -> str:
         c = json.loads(Outputs(f"text_{t}", root).config.read_text())
         env = c["environment"]
         copy = "float16" in c.get("weights", {}).get("weights", "")
-        weights = ("MiniLM's weights rounded to float16 for the transfer to the GPU machine (trained in float32 "
-                   "there)" if copy else "MiniLM's float32 weights")
+        weights = ("MiniLM's weights rounded to float16 for the transfer to the GPU machine (upcast to float32 "
+                   "there; bf16 autocast in the matrix products)" if copy else "MiniLM's float32 weights")
         parts.append(f"{weights}, Python {env['python']}, torch {env['torch']}")
     return ("Made with " + " and ".join(sorted(set(parts))) + " (the GPU machine's own environment, not "
             "requirements.txt's pins).")
