@@ -220,8 +220,8 @@ def headline(results: pd.DataFrame) -> str:
     three = ""
     judged = dora[dora["verdict_vs_lora"].fillna("") != ""]
     if len(judged):
-        three = ("DoRA, which adds a trained length per output row of W, "
-                 f"{_against(judged, 'vs_lora', 'LoRA at the same rank')}.")
+        three = (f"Compared rank by rank, DoRA (LoRA plus a trained length per output row of W) "
+                 f"{_against(judged, 'vs_lora', 'LoRA')}.")
     return table + "\n\n" + " ".join(x for x in (one, two, three) if x)
 
 
