@@ -44,7 +44,7 @@ def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str
         ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
     ax.axvline(0, color="tab:green", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
-    ax.set_xlabel("test accuracy − full finetuning's, same seed (points); shaded: ±1 point")
+    ax.set_xlabel("test accuracy − full finetuning's, same seed (points)\nshaded: ±1 point, where \"matches\" asks an interval to lie")
     ax.set_title("paired difference to full finetuning, 95% interval\n(noise of the seeds and of the test set)",
                  fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
