@@ -10,9 +10,9 @@ PY     := $(VENV)/bin/python
 .PHONY: run text test data clean
 
 run: data
-	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_from_scratch.ipynb
-	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_transformer.ipynb
-	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace lora_qlora.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False lora_from_scratch.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False lora_transformer.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False lora_qlora.ipynb
 	$(PY) -m experiments readme --experiment mlp
 	$(PY) -m experiments readme --experiment transformer
 	if $(PY) -m experiments has-gpu --experiment text; then $(MAKE) text; fi
@@ -21,7 +21,7 @@ run: data
 	@$(PY) -m experiments compare --experiment transformer
 
 text: data
-	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 lora_text.ipynb
+	LORA_NO_PROGRESS=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=1800 lora_text.ipynb
 	$(PY) -m experiments readme --experiment text
 
 test: data

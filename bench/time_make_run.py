@@ -34,7 +34,7 @@ def main():
         "what": "`make run`" + (", a re-run" if args.warm else ""), "seconds": round(seconds, 1),
         "machine": f"{storage.cpu_name()}, {cores} cores",
         "conditions": ("virtual environment installed, run cache as the previous run left it" if args.warm
-                       else "virtual environment installed, run cache empty"),
+                       else "virtual environment installed, run cache empty") + ", nothing else running",
         "date": datetime.date.today().isoformat()})
     subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "experiments", "readme", "--experiment", "mlp"],
                    cwd=ROOT, check=True)  # the README's time line, from the file just written

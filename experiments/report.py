@@ -205,8 +205,9 @@ def headline(results: pd.DataFrame) -> str:
                      f"{r[f'{acc}_mean']:.4f} ± {r[f'{acc}_std']:.4f}" + diverged_note(r),
                      f"{interval(r['diff_vs_full'], r['diff_vs_full_low'], r['diff_vs_full_high'])}: {word}"])
     table = markdown(pd.DataFrame(rows, columns=["method", "trainable parameters (% of full's)",
-                                                 "test accuracy on 5-9 (mean ± std)",
-                                                 "− full finetuning, points (95% interval): verdict"]))
+                                                 "test accuracy on digits 5-9 (mean ± std)",
+                                                 "difference to full finetuning, points (95% interval): "
+                                                 "Holm-corrected verdict"]))
     first = lora.iloc[0]
     one = (f"LoRA at rank {int(first['rank'])} trains {int(first['trainable_params']):,} parameters, "
            f"{first['pct_params_vs_full']:.1f}% of full finetuning's {int(full['trainable_params']):,}, and reaches "
