@@ -212,14 +212,14 @@ def headline(results: pd.DataFrame) -> str:
     one = (f"LoRA at rank {int(first['rank'])} trains {int(first['trainable_params']):,} parameters, "
            f"{first['pct_params_vs_full']:.1f}% of full finetuning's {int(full['trainable_params']):,}, and reaches "
            f"{first[f'{acc}_mean']:.3f} against full finetuning's {full[f'{acc}_mean']:.3f}.")
-    sound = lora[lora["verdict_vs_full"].fillna("") != ""]
+    sound = lora[lora["verdict_vs_full"].map(cell_word) != ""]
     gaps = ", ".join(f"{-100 * r['diff_vs_full']:.2f} at rank {int(r['rank'])}" for _, r in sound.iterrows()
                      if r["rank"] in (sound["rank"].min(), 8, sound["rank"].max()))
     two = (f"The gap to full finetuning closes as the rank grows (in points: {gaps}); after correcting for the "
-           f"{(results['verdict_vs_full'].fillna('') != '').sum()} comparisons with it (LoRA's and DoRA's), LoRA "
+           f"{(results['verdict_vs_full'].map(cell_word) != '').sum()} comparisons with it (LoRA's and DoRA's), LoRA "
            f"{_against(sound, 'vs_full', 'full finetuning')}.")
     three = ""
-    judged = dora[dora["verdict_vs_lora"].fillna("") != ""]
+    judged = dora[dora["verdict_vs_lora"].map(cell_word) != ""]
     if len(judged):
         three = (f"Compared rank by rank, DoRA (LoRA plus a trained length per output row of W) "
                  f"{_against(judged, 'vs_lora', 'LoRA')}.")
@@ -278,8 +278,8 @@ def findings(results: pd.DataFrame, show_targets: bool = True) -> str:
     Verdicts are Holm-corrected within their family (one column of the table)."""
     acc = accuracy_column(results)
     full = results.set_index("method").loc["full"]
-    sound = results[results["verdict_vs_full"].fillna("") != ""]  # neither full finetuning nor a diverged row
-    dora = sound[sound["dora"].astype(bool) & (sound["verdict_vs_lora"].fillna("") != "")]
+    sound = results[results["verdict_vs_full"].map(cell_word) != ""]  # neither full finetuning nor a diverged row
+    dora = sound[sound["dora"].astype(bool) & (sound["verdict_vs_lora"].map(cell_word) != "")]
     n = int(full["seeds"])
     out = [f"Paired over {n} seeds, each interval with the test set's noise as well as the seeds'; verdicts "
            f"Holm-corrected over the {len(sound)} comparisons with full finetuning (full finetuning: "

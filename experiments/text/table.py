@@ -72,7 +72,7 @@ def verdicts(combined: pd.DataFrame) -> str:
     (Holm-corrected over the task's comparisons), and what that says of the paper's claim."""
     lines = []
     for task, rows in combined.groupby("task", sort=False):
-        judged = rows[rows.verdict_vs_full.fillna("") != ""]
+        judged = rows[rows.verdict_vs_full.map(report.cell_word) != ""]
         groups = {}
         for _, r in judged.iterrows():
             groups.setdefault(r.verdict_vs_full, []).append(report.method_label(r))
