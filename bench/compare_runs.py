@@ -9,12 +9,11 @@ working tree's files.
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from common import record  # first: puts the repo on sys.path
-from experiments import compare, storage
+from experiments import compare
 
 
 def main():
@@ -26,10 +25,7 @@ def main():
     args = p.parse_args()
     body = []
     for name in args.experiment:
-        if Path(args.old).is_dir():
-            text, table = compare.compare(storage.Outputs(name, Path(args.old)), storage.Outputs(name))
-        else:
-            text, table = compare.against_revision(name, args.old)
+        text, table = compare.against(name, args.old)
         body.append(text + ("\n\n" + compare.markdown(table) if len(table) else ""))
     record(args.title or f"The committed tables against {args.old}'s", "\n\n".join(body), torch.device("cpu"))
 

@@ -78,10 +78,7 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
     out = storage.Outputs(exp.name, args.out)
     if args.phase == "compare":
         try:
-            if Path(args.against).is_dir():
-                text, table = compare.compare(storage.Outputs(exp.name, Path(args.against)), out)
-            else:
-                text, table = compare.against_revision(exp.name, args.against, args.out)
+            text, table = compare.against(exp.name, args.against, args.out)
         except FileNotFoundError as e:
             p.error(str(e))
         print(text + ("\n\n" + compare.markdown(table) if len(table) else ""))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .report import accuracy_column, method_label
+from .report import accuracy_column, cell_word, method_label
 from .storage import ROOT, Outputs, with_int_columns
 
 SAME = ("summary", "test_correct")  # the files whose bytes decide "byte-identical" (per_seed may hold times)
@@ -52,13 +52,9 @@ def side_by_side(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
                      "mean before": old.at[m, f"{acc}_mean"], "mean now": new.at[m, f"{acc}_mean"],
                      "difference / seed std": (new.at[m, f"{acc}_mean"] - old.at[m, f"{acc}_mean"]) / spread,
                      "lr before": old.at[m, "lr"], "lr now": new.at[m, "lr"],
-                     "verdict before": _word(old["verdict_vs_full"].get(m) if "verdict_vs_full" in old else None),
-                     "verdict now": _word(new["verdict_vs_full"].get(m) if "verdict_vs_full" in new else None)})
+                     "verdict before": cell_word(old["verdict_vs_full"].get(m) if "verdict_vs_full" in old else None),
+                     "verdict now": cell_word(new["verdict_vs_full"].get(m) if "verdict_vs_full" in new else None)})
     return pd.DataFrame(rows)
-
-
-def _word(v) -> str:
-    return v if isinstance(v, str) else ""
 
 
 def compare(old: Outputs, new: Outputs) -> tuple[str, pd.DataFrame]:
@@ -87,10 +83,13 @@ def compare(old: Outputs, new: Outputs) -> tuple[str, pd.DataFrame]:
     return " ".join(parts), table
 
 
-def against_revision(experiment: str, rev: str = "HEAD", root: Path = ROOT) -> tuple[str, pd.DataFrame]:
-    """compare() of the files under `root` against those committed at `rev`."""
+def against(experiment: str, other: str = "HEAD", root: Path = ROOT) -> tuple[str, pd.DataFrame]:
+    """compare() of the files under `root` against another run's: `other` is a folder holding its results, or a
+    git revision whose committed files are read (FileNotFoundError where it has none)."""
+    if Path(other).is_dir():
+        return compare(Outputs(experiment, Path(other)), Outputs(experiment, root))
     with tempfile.TemporaryDirectory() as tmp:
-        return compare(files_at_revision(experiment, rev, Path(tmp)), Outputs(experiment, root))
+        return compare(files_at_revision(experiment, other, Path(tmp)), Outputs(experiment, root))
 
 
 def markdown(table: pd.DataFrame) -> str:
