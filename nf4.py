@@ -205,7 +205,8 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = grad_out @ ctx.weight.dequantize() if ctx.needs_input_grad[0] else None  # (N, out) @ (out, in)
+        w = ctx.weight.dequantize().to(grad_out.dtype)  # under autocast forward ran in bf16, so grad_out is bf16
+        grad_x = grad_out @ w if ctx.needs_input_grad[0] else None  # (N, out) @ (out, in); autograd casts to x's dtype
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None
 

@@ -91,6 +91,24 @@ def test_only_a_and_b_train_and_get_gradients():
     assert lora.count_parameters(model)[0] == 2 * (4 * 64 + 64 * 4)
 
 
+def test_qlora_trains_under_bf16_autocast():
+    """The usual QLoRA step: float32 adapters, bf16 autocast (the gradient reaching the 4-bit base's backward is
+    bf16). A and B get the gradients of the float32 step, to bf16's rounding."""
+    model, _ = qlora()
+    lora.mark_only_lora_as_trainable(model)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().square().sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in (model.query.lora_A, model.value.lora_B)])
+    for exact, amp in zip(*grads):
+        assert amp.dtype == torch.float32
+        torch.testing.assert_close(amp, exact, rtol=0, atol=0.03 * exact.abs().max().item())
+
+
 def test_the_training_step_keeps_no_dequantized_weight_for_backward():
     model, _ = qlora()
     lora.mark_only_lora_as_trainable(model)

@@ -370,3 +370,24 @@ def test_nf4_py_imports_torch_and_the_standard_library_only():
                  for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
         assert roots <= {"torch", "nf4", "pytest", "bitsandbytes", "ast", "io", "warnings", "pathlib",
                          "fnmatch", "functools", "collections"}, (path.name, roots)
+
+
+def test_linear_nf4_trains_under_bf16_autocast_as_its_dequantized_linear_does():
+    """Autocast runs forward's product in bf16, so the gradient arriving in backward is bf16: the dequantized W
+    must meet it in bf16 (a float32 W raised a dtype error). Input gradients as nn.Linear's under autocast."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = nf4.LinearNF4.from_linear(linear)
+    plain = torch.nn.Linear(64, 32)
+    plain.weight.data, plain.bias.data = layer.dequantized_weight(), layer.bias.detach().clone()
+    x = torch.randn(8, 64, requires_grad=True)
+    grads = []
+    for module in (layer, plain):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).sum().backward()
+        assert x.grad.dtype == torch.float32
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
