@@ -124,9 +124,10 @@ class CosineAdam:
         cosine = (1 + torch.cos(math.pi * (t - w) / max(1, self.total_steps - w))) / 2
         lr = self.lrs * torch.where(t < w, (t + 1) / w, cosine)  # this step's lr per model (S,): lr_factor
         self.t += 1
-        step_size = (lr / (1 - b1 ** self.t)).float()  # (S,)
-        root_bc2 = (1 - b2 ** self.t).sqrt().float()
+        step_size = lr / (1 - b1 ** self.t)  # (S,), float64 like torch.optim.Adam's Python floats
+        root_bc2 = (1 - b2 ** self.t).sqrt()
         for p, g, m, v in zip(self.params, self.clip(grads), self.m, self.v):
+            step_size, root_bc2 = step_size.to(p.dtype), root_bc2.to(p.dtype)  # float32 weights: float32 steps
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / root_bc2).add_(self.eps)
