@@ -127,11 +127,11 @@ class CosineAdam:
         step_size = lr / (1 - b1 ** self.t)  # (S,), float64 like torch.optim.Adam's Python floats
         root_bc2 = (1 - b2 ** self.t).sqrt()
         for p, g, m, v in zip(self.params, self.clip(grads), self.m, self.v):
-            step_size, root_bc2 = step_size.to(p.dtype), root_bc2.to(p.dtype)  # float32 weights: float32 steps
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / root_bc2).add_(self.eps)
-            p.sub_(step_size.view(-1, *[1] * (p.dim() - 1)) * m / denom)  # (S, 1, ..) * (S, ...)
+            # the step in the weights' dtype: float32 for float32 weights, float64 for the tests' float64 ones
+            denom = (v.sqrt() / root_bc2.to(p.dtype)).add_(self.eps)
+            p.sub_(step_size.to(p.dtype).view(-1, *[1] * (p.dim() - 1)) * m / denom)  # (S, 1, ..) * (S, ...)
 
 
 def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
