@@ -9,15 +9,16 @@ number a mean over seeds.
     python -m experiments tune --experiment transformer   # the same for the row transformer; text: MiniLM (a GPU job)
     python -m experiments has-gpu --experiment text # `make run`: exit 0 where the experiment runs, else say why not
     python -m experiments compare --experiment mlp  # did this run reproduce the committed table? (compare.py)
+    python -m experiments report --experiment mlp   # the summary and figure again from the saved per-seed records
 """
 
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
-from . import compare, protocol, report, storage
+from . import compare, protocol, report, sentences, storage
+from . import run as driver
 from .methods import resolve_device
 from .mnist.config import Config
 from .mnist.experiment import MnistExperiment
@@ -25,28 +26,38 @@ from .text import table as text_table
 from .text.config import TASKS, TextConfig
 from .text.experiment import TextExperiment
 
-EXPERIMENTS = ("mlp", "transformer", "text")
+# The registry: an experiment's name -> (its config class's default, its quick config, its Experiment class).
+# A new experiment registers here; nothing below names one.
+REGISTRY = {
+    "mlp": (lambda task: Config.default("mlp"), lambda task: Config.quick("mlp"), MnistExperiment),
+    "transformer": (lambda task: Config.default("transformer"), lambda task: Config.quick("transformer"),
+                    MnistExperiment),
+    "text": (TextConfig.default, TextConfig.quick, TextExperiment),
+}
+EXPERIMENTS = tuple(REGISTRY)
 
 
 def make_experiment(name: str, device, quick: bool = False, seeds: int | None = None,
                     ranks: tuple[int, ...] | None = None, task: str = TASKS[0]) -> protocol.Experiment:
     """The experiment called `name` (for text: on `task`) with its default (or quick) config, seeds and ranks
     replaced where given."""
-    if name not in EXPERIMENTS:
+    if name not in REGISTRY:
         raise ValueError(f"unknown experiment {name!r}: use one of {EXPERIMENTS}")
-    base = (TextConfig.quick(task) if quick else TextConfig.default(task)) if name == "text" else (
-        Config.quick(name) if quick else Config.default(name))
+    default, quick_cfg, cls = REGISTRY[name]
+    base = quick_cfg(task) if quick else default(task)
     cfg = dataclasses.replace(base, seeds=base.seeds if seeds is None else seeds,
                               ranks=base.ranks if ranks is None else tuple(ranks))
-    return TextExperiment(cfg, device) if name == "text" else MnistExperiment(cfg, device)
+    return cls(cfg, device)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("phase", choices=["tune", "sweep", "readme", "has-gpu", "compare"],
-                   help="tune: choose learning rates; sweep: run and report; readme: put the results into README.md;"
-                        "\nhas-gpu: exit 0 where the experiment can run; compare: these results against --against")
+    p.add_argument("phase", choices=["tune", "sweep", "report", "readme", "has-gpu", "compare"],
+                   help="tune: choose learning rates; sweep: run and report; report: the summary, runner-up rows and"
+                        "\nfigure again from the saved per-seed records (no training: after a change of the verdicts"
+                        "\nor their words); readme: put the results into README.md; has-gpu: exit 0 where the"
+                        "\nexperiment can run; compare: these results against --against")
     p.add_argument("--experiment", choices=EXPERIMENTS, default="mlp", help="which experiment (default mlp)")
     p.add_argument("--seeds", type=int, help="seeds to report (default: the experiment's config)")
     p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: the experiment's config)")
@@ -88,32 +99,32 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
             print(why)
             sys.exit(1)
         return
+    if args.phase == "report":
+        try:
+            results = driver.report_again(exp, out)
+        except FileNotFoundError as e:
+            p.error(str(e))
+        print(results.to_string(index=False))
+        return
     if args.phase == "readme":
         results = storage.load_results(out)
-        block = exp.readme_block(results, storage.load_config(out))
+        block = exp.readme_block(results, storage.load_config(out), storage.load_results(out, runner_up=True))
         readme = storage.ROOT / "README.md"
         report.replace_readme_block(readme, report.readme_markers(exp.name), block)
         if exp.name == "mlp":  # the first screen: its table and sentences, and how long the runs take
-            report.replace_readme_block(readme, report.readme_markers("mlp", "headline"), report.headline(results))
+            report.replace_readme_block(readme, report.readme_markers("mlp", "headline"), sentences.headline(results))
             report.replace_readme_block(readme, report.readme_markers("mlp", "time"),
                                         report.run_times(storage.RUN_TIMES))
         return
     if args.phase == "tune":
-        start = time.perf_counter()
-        grid, chosen = protocol.tune(exp)
-        storage.save_learning_rates(out, protocol.tuning_fields(exp.cfg), grid, chosen, time.perf_counter() - start)
-        print(grid.to_string(index=False), "\nchosen:", chosen)
+        grid = driver.tune(exp, out)
+        print(grid.to_string(index=False), "\nchosen:", storage.load_learning_rates(
+            out, protocol.tuning_fields(exp.cfg), exp.tune_command(), with_runner_up=True))
         return
     try:
-        lrs = storage.load_learning_rates(out, protocol.tuning_fields(exp.cfg), exp.tune_command())
+        _, results = driver.sweep(exp, out)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    start = time.perf_counter()
-    per_seed = protocol.sweep(exp, lrs)
-    seconds = time.perf_counter() - start
-    results = exp.summarize(per_seed)
-    storage.save_results(out, exp.cfg, per_seed, results, exp.plot(results), exp.device, seconds,
-                         exp.config_extra(out, per_seed))
     print(results.to_string(index=False))
 
 

@@ -39,9 +39,26 @@ def files_at_revision(experiment: str, rev: str, folder: Path) -> Outputs:
     return out
 
 
+def verdict_cell(summary: pd.DataFrame, method: str, against: str) -> str:
+    """A method's verdict in one column, "; rate-sensitive" added where marked; "" where the column is absent."""
+    if f"verdict_{against}" not in summary:
+        return ""
+    sensitive = summary[f"rate_sensitive_{against}"].get(method) if f"rate_sensitive_{against}" in summary else False
+    return cell_word(summary[f"verdict_{against}"].get(method), bool(sensitive) if sensitive == sensitive else False)
+
+
+def agree(before: str, now: str) -> bool:
+    """Two runs agree on a verdict where its words are the same (a "(borderline)" or "rate-sensitive" mark
+    aside), or where both runs mark it borderline or rate-sensitive: a verdict at the margin is allowed to move."""
+    word = lambda v: v.split(";")[0].removesuffix(" (borderline)")
+    marked = lambda v: "borderline" in v or "rate-sensitive" in v
+    return word(before) == word(now) or (marked(before) and marked(now))
+
+
 def side_by_side(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """One row per method of both summaries: the two means and rates, the difference in units of the seed spread
-    (the two runs' standard deviations pooled), and the two verdicts against full finetuning."""
+    (the two runs' standard deviations pooled), and the two runs' verdicts in both columns (against full
+    finetuning, and against LoRA at the same rank)."""
     acc = accuracy_column(new)
     several = new["targets"].dropna().nunique() > 1  # name target sets only where there are several
     old, new = old.set_index("method"), new.set_index("method")
@@ -52,8 +69,9 @@ def side_by_side(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
                      "mean before": old.at[m, f"{acc}_mean"], "mean now": new.at[m, f"{acc}_mean"],
                      "difference / seed std": (new.at[m, f"{acc}_mean"] - old.at[m, f"{acc}_mean"]) / spread,
                      "lr before": old.at[m, "lr"], "lr now": new.at[m, "lr"],
-                     "verdict before": cell_word(old["verdict_vs_full"].get(m) if "verdict_vs_full" in old else None),
-                     "verdict now": cell_word(new["verdict_vs_full"].get(m) if "verdict_vs_full" in new else None)})
+                     **{f"{label} {when}": verdict_cell(table, m, against)
+                        for against, label in (("vs_full", "verdict"), ("vs_lora", "vs LoRA"))
+                        for when, table in (("before", old), ("now", new))}})
     return pd.DataFrame(rows)
 
 
@@ -63,21 +81,25 @@ def compare(old: Outputs, new: Outputs) -> tuple[str, pd.DataFrame]:
         return f"{new.experiment}: byte-identical to the other run (the table and every test prediction).", pd.DataFrame()
     table = side_by_side(with_int_columns(pd.read_csv(old.summary)), with_int_columns(pd.read_csv(new.summary)))
     rates = table[table["lr before"] != table["lr now"]]
-    old_verdicts = (table["verdict before"] != "").any()  # a summary from before verdicts were written has none
-    verdicts = table[table["verdict before"] != table["verdict now"]] if old_verdicts else table.iloc[:0]
     far = table[table["difference / seed std"].abs() > 2]
     parts = [f"{new.experiment}: not byte-identical; {len(table) - len(rates)} of {len(table)} learning rates the "
              f"same, {int((table['difference / seed std'].abs() <= 1).sum())} of {len(table)} means within one "
-             f"seed standard deviation of the other run's (largest move {table['difference / seed std'].abs().max():.1f});"
-             + (f" {len(table) - len(verdicts)} of {len(table)} verdicts the same." if old_verdicts else
-                " the other run's summary has no verdicts to compare.")]
+             f"seed standard deviation of the other run's (largest move {table['difference / seed std'].abs().max():.1f})."]
+    moved = []
+    for label, name in (("verdict", "against full finetuning"), ("vs LoRA", "against LoRA")):
+        pairs = table[(table[f"{label} before"] != "") | (table[f"{label} now"] != "")]
+        if not len(pairs):
+            continue
+        ok = [agree(b, n) for b, n in zip(pairs[f"{label} before"], pairs[f"{label} now"])]
+        parts.append(f"Verdicts {name}: {sum(ok)} of {len(ok)} agree (the same words, or marked borderline or "
+                     f"rate-sensitive in both runs).")
+        moved += [f"{r.method} {name}: {r[f'{label} before'] or '(none)'} → {r[f'{label} now'] or '(none)'}"
+                  for (_, r), a in zip(pairs.iterrows(), ok) if not a]
     if len(rates):
         parts.append("Other rates: " + "; ".join(f"{r.method} {r['lr before']:g} → {r['lr now']:g}"
                                                  for _, r in rates.iterrows()) + ".")
-    if len(verdicts):
-        parts.append("Verdicts that moved: " + "; ".join(
-            f"{r.method} {r['verdict before'] or '(none)'} → {r['verdict now'] or '(none)'}"
-            for _, r in verdicts.iterrows()) + ".")
+    if moved:
+        parts.append("Verdicts that moved: " + "; ".join(moved) + ".")
     if len(far):
         parts.append("More than two seed standard deviations apart: " + ", ".join(far.method) + ".")
     return " ".join(parts), table

@@ -10,7 +10,6 @@ from matplotlib.figure import Figure  # not pyplot: no global figure state, no s
 
 from .methods import TARGET_SET_LABELS
 from .report import accuracy_column, method_label
-from .stats import MARGIN
 
 COLORS = ("tab:blue", "tab:orange", "tab:purple")  # one per LoRA series; the linear probe is red
 
@@ -34,19 +33,21 @@ def log_params_axis(ax) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str]) -> None:
-    """Each row's paired difference to full finetuning in points with its 95% interval (seeds' and test set's
-    noise, stats.py), the first row on top; the band is the ±1 point that "matches" asks an interval to lie in."""
+def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str], margin: float) -> None:
+    """Each row's paired difference to full finetuning in points with its simultaneous interval (the level its
+    verdict uses: seeds' and test set's noise, stats.py), the first row on top; the band is the ±margin that
+    "within" asks an interval to lie in."""
     y = range(len(rows), 0, -1)
     diff, low, high = (100 * rows[c].to_numpy() for c in ("diff_vs_full", "diff_vs_full_low", "diff_vs_full_high"))
-    ax.axvspan(-100 * MARGIN, 100 * MARGIN, color="tab:green", alpha=0.1, lw=0)
+    ax.axvspan(-100 * margin, 100 * margin, color="tab:green", alpha=0.1, lw=0)
     for yi, d, lo, hi, color in zip(y, diff, low, high, colors):
         ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
     ax.axvline(0, color="tab:green", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
-    ax.set_xlabel("test accuracy − full finetuning's, same seed (points)\nshaded: ±1 point, where \"matches\" asks an interval to lie")
-    ax.set_title("paired difference to full finetuning, 95% interval\n(noise of the seeds and of the test set)",
-                 fontsize=10)
+    ax.set_xlabel(f"test accuracy − full finetuning's, same seed (points)\nshaded: ±{100 * margin:g} points, where "
+                  f"\"within\" asks an interval to lie")
+    ax.set_title(f"paired difference to full finetuning, simultaneous 95% intervals\n(Bonferroni over {len(rows)}; "
+                 "noise of the seeds and of the test set)", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
 
@@ -71,7 +72,7 @@ def diverged_rows(rows: pd.DataFrame) -> pd.Series:
     return rows["diverged_mean"].fillna(0) > 0 if "diverged_mean" in rows else pd.Series(False, index=rows.index)
 
 
-def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None = None) -> Figure:
+def plot(results: pd.DataFrame, title: str, ylabel: str, margin: float, extra: Callable | None = None) -> Figure:
     """Left: trainable parameters (log x) against test accuracy, one line per LoRA (or DoRA) target set, the
     linear probe as a point, full finetuning as a band; extra(ax) adds an experiment's own lines. Right: each
     method's paired difference to full finetuning. Returns the matplotlib Figure."""
@@ -86,20 +87,21 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
                     capsize=3, label=f"linear probe (head only), {int(r['trainable_params']):,} params")
     lora_rows = results[~results["method"].isin(["full", "head"])]
     one_target_set = lora_rows["targets"].nunique() == 1  # then every series has its points at the same ranks
-    series = list(lora_rows.groupby(["dora", "targets"], sort=False))
+    lora_rows = lora_rows.assign(nf4=lora_rows["nf4"] if "nf4" in lora_rows else False)
+    series = list(lora_rows.groupby(["dora", "nf4", "targets"], sort=False))
     xs = side_by_side([rows["trainable_params"] for _, rows in series])
     colors = dict(zip((key for key, _ in series), COLORS))
-    for ((dora, targets), rows), x in zip(series, xs):
+    for ((dora, nf4, targets), rows), x in zip(series, xs):
         # Ranks go on a top axis (one target set) or in the legend: written beside the points, they collide.
         ranks = "" if one_target_set else ", r = " + ", ".join(str(r) for r in rows["rank"]) + (
             " (left to right)" if len(rows) > 1 else "")
         ax.errorbar(x, rows[f"{acc}_mean"], yerr=rows[f"{acc}_std"], fmt="o-" if len(rows) > 1 else "D",
-                    color=colors[dora, targets], capsize=3,
-                    label=f"{'DoRA' if dora else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
+                    color=colors[dora, nf4, targets], capsize=3,
+                    label=f"{'DoRA' if dora else 'QLoRA' if nf4 else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
         bad = diverged_rows(rows).to_numpy()
         if bad.any():
             ax.plot([xi for xi, b in zip(x, bad) if b], rows.loc[bad, f"{acc}_mean"], "X", color="black", ms=11,
-                    zorder=5, label="some seeds diverged (training loss at chance): no verdict")
+                    zorder=5, label="some seeds diverged or never learned: no verdict")
     if extra is not None:
         extra(ax)
     log_params_axis(ax)
@@ -116,7 +118,8 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, extra: Callable | None 
     others = results[results["method"] != "full"]
     difference_panel(bx, others, [method_label(r, not one_target_set) + (" (diverged)" if bad else "")
                                   for (_, r), bad in zip(others.iterrows(), diverged_rows(others))],
-                     [colors.get((r["dora"], r["targets"]), "tab:red") for _, r in others.iterrows()])
+                     [colors.get((r["dora"], r.get("nf4", False), r["targets"]), "tab:red") for _, r in others.iterrows()],
+                     margin)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -21,30 +21,35 @@ class Method:
     rank: int | None = None      # LoRA's r
     target_set: str = "all"      # where LoRA goes: a key of TARGET_SETS
     dora: bool = False           # DoRA (Liu et al., 2024): LoRA plus a trained magnitude per output feature
+    nf4: bool = False            # QLoRA (Dettmers et al., 2023): LoRA over the base's hidden layers stored in NF4
     # Where an experiment has a single target set its methods are named "lora_r4", not "lora_all_r4".
     show_target_set: bool = field(default=True, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
-        if (self.kind == "lora") != (self.rank is not None) or (self.dora and self.kind != "lora"):
-            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank or DoRA; got {self!r}")
+        if (self.kind == "lora") != (self.rank is not None) or ((self.dora or self.nf4) and self.kind != "lora"):
+            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank, DoRA or a 4-bit base; "
+                             f"got {self!r}")
+        if self.dora and self.nf4:
+            raise ValueError(f"DoRA over a 4-bit base is not among the methods; got {self!r}")
         if self.target_set not in TARGET_SETS:
             raise ValueError(f"target_set must be one of {TARGET_SETS}, got {self.target_set!r}")
 
     @property
     def name(self) -> str:
-        """"full", "head", "lora_r4", "lora_qv_r4" or "dora_r4": file names, table rows and learning-rate keys."""
+        """"full", "head", "lora_r4", "lora_qv_r4", "dora_r4" or "qlora_r4": file names, table rows and
+        learning-rate keys."""
         if self.kind != "lora":
             return self.kind
-        prefix = "dora" if self.dora else "lora"
+        prefix = "dora" if self.dora else "qlora" if self.nf4 else "lora"
         return f"{prefix}_{self.target_set}_r{self.rank}" if self.show_target_set else f"{prefix}_r{self.rank}"
 
     @property
     def cost_rank(self) -> tuple:
         """Orders methods from cheap to dear to train, roughly: the head, LoRA by rank (DoRA after LoRA at a
         rank), full finetuning. Only the order in which parallel jobs start depends on it, never a number."""
-        return ({"head": 0, "lora": 1, "full": 2}[self.kind], self.rank or 0, self.dora)
+        return ({"head": 0, "lora": 1, "full": 2}[self.kind], self.rank or 0, self.dora, self.nf4)
 
     @property
     def dropout_seed(self) -> int:
@@ -52,7 +57,7 @@ class Method:
         it, and distinct for distinct methods."""
         if self.kind != "lora":
             return {"full": 1000, "head": 500}[self.kind]
-        return 1000 * (1 + self.rank) + 100 * TARGET_SETS.index(self.target_set) + 50 * self.dora
+        return 1000 * (1 + self.rank) + 100 * TARGET_SETS.index(self.target_set) + 50 * self.dora + 25 * self.nf4
 
 
 def check_positive_int(name: str, v) -> None:

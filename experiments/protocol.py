@@ -2,13 +2,17 @@
 
 1. tune: every method at every learning rate of cfg.lr_grid on the tuning seeds 100, 101, ..., scored on the
    validation split as counts of correct examples; the test split is never looked at.
-2. choose (`choose`): a rate is out where a tuning seed diverged (its last epoch's training loss at chance
-   level). Among the rest, the smallest rate whose mean count is within one standard error (over the tuning
-   seeds) of the best rate's. Where the best rate is at an end of the grid, the grid grows one step that way and
-   the method is tuned again (at most MAX_EXTENSIONS steps each way); only where that bound is hit does a warning
-   remain. (A first version also ruled out the rate below a diverged one; it cost accuracy and guarded against
-   nothing measured: bench/RESULTS.md, "The selection rule".)
-3. sweep: every method at its chosen learning rate on the reported seeds 0 .. cfg.seeds - 1.
+2. choose (`choose`): each rate gets a flag (`flag`): "diverged" where a tuning seed's training loss is not
+   finite or ended above where it started, or where the seeds disagree (the worst less than half as far above
+   chance as the best); "too slow" where the mean validation accuracy is still near chance. Among the unflagged
+   rates the best total count wins, the smaller rate on a tie. Where the runner-up is within one standard error of
+   the per-seed difference to the best, it is swept too, as a sensitivity row (a verdict that changes there is
+   marked rate-sensitive). The grid grows a step up where the best rate is its top or every rate is too slow,
+   down where the best is its bottom or every rate diverged (at most MAX_EXTENSIONS steps each way); only where
+   that bound is hit does a warning remain. (Until issue 32 the smallest rate within one standard error of the
+   best was chosen: on 3 seeds that step moved choices on validation gaps under 0.25 points.)
+3. sweep: every method at its chosen learning rate (and runner-up, where there is one) on the reported seeds
+   0 .. cfg.seeds - 1.
 
 An experiment plugs in by subclassing `Experiment`: it says how to train one job (a method at some learning
 rates on some seeds) and which of its files can change a trained number. Every finished job is cached on disk
@@ -25,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -34,7 +39,8 @@ from .methods import Method
 from .storage import cached, fingerprint, with_int_columns
 
 TUNING_SEED = 100  # tuning seeds are 100, 101, ...: never one of the reported seeds 0, 1, ...
-DIVERGED = 0.9      # a run diverged when its last epoch's mean training loss is at least 90% of chance's, ln(classes)
+TOO_SLOW = 0.1      # a rate is too slow where its mean validation accuracy is within 10% of the way from chance to 1
+UNSTABLE = 0.5      # a rate is unstable where its worst tuning seed is less than half as far above chance as its best
 MAX_EXTENSIONS = 2  # steps the grid may grow beyond each of its ends, per method
 
 
@@ -87,7 +93,7 @@ class Experiment(abc.ABC):
         """figures.plot with this experiment's title and lines."""
 
     @abc.abstractmethod
-    def readme_block(self, results: pd.DataFrame, config: dict) -> str:
+    def readme_block(self, results: pd.DataFrame, config: dict, runner_up: pd.DataFrame | None = None) -> str:
         """The README's results block: the table and a line on what produced it."""
 
     def config_extra(self, out, per_seed: pd.DataFrame) -> dict:
@@ -103,13 +109,20 @@ def tuning_fields(cfg) -> dict:
     """The fields of a config dataclass that a learning-rate choice depends on (all but the number of reported
     seeds), as they come back from JSON (tuples as lists)."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    del d["seeds"]
+    for k in ("seeds", *REPORT_FIELDS):
+        d.pop(k, None)
     return d
 
 
+REPORT_FIELDS = ("margin",)  # config fields that only reporting reads: they never name a cache folder
+
+
 def run_key(exp: Experiment) -> str:
-    """Names the cache folder: the config, the device type, `exp.key_extra()` and the bytes of `exp.code_files()`."""
-    return fingerprint([dataclasses.asdict(exp.cfg), exp.device.type, *exp.key_extra()], exp.code_files())
+    """Names the cache folder: the config (less REPORT_FIELDS), the device type, `exp.key_extra()` and the bytes
+    of `exp.code_files()` (the training code, never the reporting or the selection rule: a job's rate is in its
+    file name)."""
+    cfg = {k: v for k, v in dataclasses.asdict(exp.cfg).items() if k not in REPORT_FIELDS}
+    return fingerprint([cfg, exp.device.type, *exp.key_extra()], exp.code_files())
 
 
 def run_jobs(exp: Experiment, seeds: list[int], jobs: list[tuple[Method, tuple[float, ...]]], cache_dir: Path,
@@ -158,43 +171,72 @@ def train_job(exp: Experiment, shared, method: Method, lrs: tuple[float, ...], s
     return cached(path, lambda: {"records": exp.train(shared, method, lrs, seeds)})["records"]
 
 
-def diverged(loss_last_epoch, classes: int):
-    """Whether a run diverged: its last epoch's mean training loss at chance level (at least DIVERGED x ln(classes),
-    the loss of a uniform guess). Works on a float or a pandas Series."""
-    return loss_last_epoch >= DIVERGED * math.log(classes)
+def rose(loss_first_epoch, loss_last_epoch):
+    """Whether a run diverged: its training loss is not finite, or its last epoch's mean is above its first's.
+    Works on floats or pandas Series."""
+    first, last = pd.Series(loss_first_epoch, dtype="float64"), pd.Series(loss_last_epoch, dtype="float64")
+    bad = ~np.isfinite(last) | ~np.isfinite(first) | (last > first)
+    return bool(bad.iloc[0]) if np.ndim(loss_last_epoch) == 0 else bad.to_numpy()
+
+
+def near_chance(accuracy, classes: int):
+    """Whether a validation accuracy (float or array) is within TOO_SLOW of the way from chance (1 / classes) to 1."""
+    chance = 1 / classes
+    return np.asarray(accuracy) - chance < TOO_SLOW * (1 - chance)
+
+
+def failed(loss_first_epoch, loss_last_epoch, val_accuracy, classes: int):
+    """A reported run that diverged or never learned: it rose (`rose`) or its validation accuracy is near chance.
+    Such a run's method gets no verdict. Works on floats or pandas Series."""
+    return rose(loss_first_epoch, loss_last_epoch) | near_chance(val_accuracy, classes)
+
+
+def flag(accuracy: list[float], loss_first: list[float], loss_last: list[float], classes: int) -> str:
+    """What the rule makes of one rate from its tuning seeds' validation accuracies and first and last epochs'
+    training losses: "diverged" (a seed rose, or the seeds disagree: the worst less than UNSTABLE as far above
+    chance as the best), "too slow" (the mean near chance), or "" (eligible)."""
+    if any(rose(f, last) for f, last in zip(loss_first, loss_last)):
+        return "diverged"
+    if near_chance(sum(accuracy) / len(accuracy), classes):
+        return "too slow"
+    above = [a - 1 / classes for a in accuracy]
+    return "diverged" if min(above) < UNSTABLE * max(above) else ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """What the rule made of one method's grid."""
-    lr: float | None                 # the chosen rate; None where every rate is out
-    best: float | None               # the eligible rate with the highest mean count
-    out: dict[float, str]            # the rates ruled out, with the reason
-    extend: int                      # +1 / -1: the best rate (or, with every rate out, none) sits at the top /
-    #                                  bottom of the grid, which should grow that way; 0: inside
+    lr: float | None                 # the chosen rate, the best eligible one; None where every rate is out
+    runner_up: float | None          # the next best where it is within the paired noise of the best, else None
+    out: dict[float, str]            # the rates ruled out, with the flag
+    extend: int                      # +1 / -1: the grid should grow up / down (the best at its top / bottom, or
+    #                                  every rate too slow / diverged); 0: it need not
 
 
-def choose(lrs: list[float], correct: list[list[int]], diverged: list[list[bool]]) -> Choice:
-    """The selection rule on one method's grid: lrs ascending; correct[i][j] and diverged[i][j] for rate i, seed j.
+def choose(lrs: list[float], correct: list[list[int]], flags: list[str]) -> Choice:
+    """The selection rule on one method's grid: lrs ascending; correct[i][j] the validation count of rate i on
+    tuning seed j; flags[i] rate i's `flag`.
 
-    A rate is out where any seed diverged. Among the others the best is the highest mean count, the smallest rate
-    on an exact tie; the choice is the smallest rate whose mean lies within one standard error of the best (the
-    std of the best rate's counts over seeds / sqrt(seeds)): a near tie goes to the smaller, safer rate, whichever
-    way rounding splits it."""
+    The best is the highest total count among the unflagged rates, the smaller rate on an exact tie (integer
+    sums: no rounding decides). The runner-up is the next; it is reported where the mean of its per-seed
+    difference to the best is at most one standard error of that difference."""
     if list(lrs) != sorted(lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"learning rates must be distinct and ascending, got {lrs}")
+    if not (len(lrs) == len(correct) == len(flags)) or any(f not in ("", "diverged", "too slow") for f in flags):
+        raise ValueError(f"one count list and one flag ('', 'diverged' or 'too slow') per rate, got {flags}")
     n = len(lrs)
-    out = {lrs[i]: "diverged" for i in range(n) if any(diverged[i])}
-    eligible = [i for i in range(n) if lrs[i] not in out]
+    out = {lrs[i]: flags[i] for i in range(n) if flags[i]}
+    eligible = sorted((i for i in range(n) if not flags[i]), key=lambda i: (-sum(correct[i]), i))
     if not eligible:
-        return Choice(None, None, out, -1)
-    sums = [sum(c) for c in correct]  # equal seed counts: comparing sums is comparing means, in integers
-    best = max(eligible, key=lambda i: (sums[i], -i))
-    seeds = len(correct[best])
-    mean = sums[best] / seeds
-    se = math.sqrt(sum((c - mean) ** 2 for c in correct[best]) / (seeds - 1) / seeds) if seeds > 1 else 0.0
-    chosen = min(i for i in eligible if sums[i] >= sums[best] - seeds * se)
-    return Choice(lrs[chosen], lrs[best], out, 1 if best == n - 1 else -1 if best == 0 else 0)
+        kinds = set(flags)
+        return Choice(None, None, out, -1 if kinds == {"diverged"} else 1 if kinds == {"too slow"} else 0)
+    best, runner_up = eligible[0], None
+    if len(eligible) > 1:
+        d = np.subtract(correct[best], correct[eligible[1]], dtype=np.float64)  # per tuning seed
+        se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        if d.mean() <= se:
+            runner_up = lrs[eligible[1]]
+    return Choice(lrs[best], runner_up, out, 1 if best == n - 1 else -1 if best == 0 else 0)
 
 
 def beyond(lrs: list[float], direction: int) -> float:
@@ -210,13 +252,14 @@ def beyond(lrs: list[float], direction: int) -> float:
 
 
 def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True,
-         workers: int | None = None) -> tuple[pd.DataFrame, dict]:
+         workers: int | None = None) -> tuple[pd.DataFrame, dict, dict]:
     """Each method at every learning rate of the grid on the tuning seeds, scored on validation; `choose` picks
-    each method's rate, growing its grid where the best rate is at an end (grids of 3 rates or more).
+    each method's rate, growing its grid where it says (grids of 3 rates or more).
 
-    Returns (grid: one row per method and lr with the mean and each seed's score, the counts, the diverged seeds,
-    whether the rate came from growing the grid and what the rule made of it; chosen: {method name: lr}).
-    A "seconds" field in the records is summed per row. workers: jobs at a time on the CPU (run_jobs).
+    Returns (grid: one row per method and lr with the mean and each seed's score, the counts, the rate's flag,
+    whether the rate came from growing the grid and what the rule made of it; chosen: {method name: lr};
+    runner_up: {method name: lr} where a near tie is swept too). A "seconds" field in the records is summed per
+    row. workers: jobs at a time on the CPU (run_jobs).
     """
     cfg = exp.cfg
     seeds = [TUNING_SEED + i for i in range(cfg.tune_seeds)]
@@ -237,10 +280,12 @@ def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True,
                 lr = beyond(grids[m.name], c.extend)
                 grids[m.name] = sorted(grids[m.name] + [lr])
                 jobs.append((m, (lr,)))
-    rows, chosen, bound = [], {}, {}
+    rows, chosen, runner_up, bound = [], {}, {}, {}
     for m in exp.methods:
         c = rule(exp, grids[m.name], runs, m.name)
         chosen[m.name] = c.lr if c.lr is not None else grids[m.name][0]
+        if c.runner_up is not None:
+            runner_up[m.name] = c.runner_up
         if c.extend and len(cfg.lr_grid) > 2:
             bound[m.name] = chosen[m.name]
         for lr in grids[m.name]:
@@ -249,25 +294,24 @@ def tune(exp: Experiment, cache_dir: Path | None = None, progress: bool = True,
             row = {"method": m.name, "lr": lr, f"{exp.val_metric}_mean": sum(scores) / len(scores),
                    exp.val_metric: " ".join(f"{a:.4f}" for a in scores),
                    "val_correct": " ".join(str(r["val_correct"]) for r in group),
-                   "diverged": sum(bool(diverged(r["loss_last_epoch"], exp.classes)) for r in group),
+                   "total": sum(r["val_correct"] for r in group), "flag": c.out.get(lr, ""),
                    "grown": lr not in cfg.lr_grid,
-                   "rule": " ".join(w for w, hit in (("chosen", lr == c.lr), ("best", lr == c.best)) if hit)
-                   or c.out.get(lr, "")}
+                   "rule": {c.lr: "chosen", c.runner_up: "runner-up"}.get(lr, c.out.get(lr, ""))}
             if "seconds" in group[0]:
                 row["seconds"] = sum(r["seconds"] for r in group)
             rows.append(row)
     if bound:
-        warnings.warn(f"the best learning rate is still at an end of the grid after {MAX_EXTENSIONS} steps beyond it "
-                      f"(or every rate diverged): {bound}", stacklevel=2)
-    return pd.DataFrame(rows), chosen
+        warnings.warn(f"the grid still wants to grow after {MAX_EXTENSIONS} steps beyond an end (its best rate "
+                      f"is there, or every rate is out): {bound}", stacklevel=2)
+    return pd.DataFrame(rows), chosen, runner_up
 
 
 def stuck_at_grid_end(search: pd.DataFrame) -> list[str]:
-    """The methods of a saved search (the lr_search CSV) whose best rate, or with every rate out no rate, sits at
-    an end of their final grid: growing it stopped at MAX_EXTENSIONS, not at a rate inside."""
+    """The methods of a saved search (the lr_search CSV) whose chosen rate, or with every rate out no rate, sits
+    at an end of their final grid: growing it stopped at MAX_EXTENSIONS, not at a rate inside."""
     stuck = []
     for method, g in search.groupby("method", sort=False):
-        best = g.loc[g["rule"].fillna("").str.contains("best"), "lr"]
+        best = g.loc[g["rule"].fillna("") == "chosen", "lr"]
         if len(g) > 2 and (best.empty or best.iloc[0] in (g["lr"].min(), g["lr"].max())):
             stuck.append(method)
     return stuck
@@ -276,18 +320,31 @@ def stuck_at_grid_end(search: pd.DataFrame) -> list[str]:
 def rule(exp: Experiment, lrs: list[float], runs: dict, name: str) -> Choice:
     """`choose` on the tuning records of method `name` at the rates `lrs`."""
     groups = [runs[name, lr] for lr in lrs]
-    return choose(lrs, [[r["val_correct"] for r in g] for g in groups],
-                  [[bool(diverged(r["loss_last_epoch"], exp.classes)) for r in g] for g in groups])
+    return choose(lrs, [[r["val_correct"] for r in g] for g in groups], [record_flag(exp, g) for g in groups])
+
+
+def record_flag(exp: Experiment, group: list[dict]) -> str:
+    """`flag` of one rate's tuning records (a record without loss_first_epoch cannot have risen)."""
+    return flag([r[exp.val_metric] for r in group], [r.get("loss_first_epoch", r["loss_last_epoch"]) for r in group],
+                [r["loss_last_epoch"] for r in group], exp.classes)
 
 
 def sweep(exp: Experiment, lrs: dict[str, float], cache_dir: Path | None = None, progress: bool = True,
-          after_each: Callable[[int], None] | None = None, workers: int | None = None) -> pd.DataFrame:
-    """Every method on seeds 0 .. cfg.seeds - 1 at its chosen lr: one row per method and seed."""
+          after_each: Callable[[int], None] | None = None, workers: int | None = None,
+          runner_up: dict[str, float] | None = None, seeds: list[int] | None = None) -> pd.DataFrame:
+    """Every method on seeds 0 .. cfg.seeds - 1 (or on `seeds`: a replicate on a disjoint set) at its chosen lr,
+    and at its runner-up where given (trained in
+    the same job): one row per method, rate and seed, the runner-up's marked in a column "runner_up"."""
     missing = [m.name for m in exp.methods if m.name not in lrs]
     if missing:
         raise ValueError(f"no learning rate for {missing}: run `{exp.tune_command()}` first")
-    jobs = [(m, (lrs[m.name],)) for m in exp.methods]
-    results = run_jobs(exp, list(range(exp.cfg.seeds)), jobs, cache_dir or exp.cache, progress, "sweep", after_each,
+    runner_up = runner_up or {}
+    jobs = [(m, (lrs[m.name],) + ((runner_up[m.name],) if m.name in runner_up else ())) for m in exp.methods]
+    seeds = list(range(exp.cfg.seeds)) if seeds is None else list(seeds)
+    if not seeds or min(seeds) < 0 or max(seeds) >= TUNING_SEED:
+        raise ValueError(f"reported seeds must lie in 0 .. {TUNING_SEED - 1}, apart from the tuning seeds; got {seeds}")
+    results = run_jobs(exp, seeds, jobs, cache_dir or exp.cache, progress, "sweep", after_each,
                        workers)
-    rows = [{c: r[c] for c in exp.per_seed_columns} for records in results for r in records]
+    rows = [{**{c: r[c] for c in exp.per_seed_columns}, "runner_up": r["lr"] != lrs[r["method"]]}
+            for records in results for r in records]
     return with_int_columns(pd.DataFrame(rows))

@@ -15,10 +15,17 @@ degrees of freedom for that combination of mean squares: about S - 1 where the s
 where the test set's does. Without per-example scores only the seeds' term is there: Student's t-interval over the
 per-seed differences. tests/test_report.py checks the formula on a known case and its coverage by simulation.
 
-Verdicts: "below" / "above" where Holm's correction over the family (one column of one table: every method
-against full finetuning, or DoRA against LoRA) rejects "no difference"; "matches" where it rejects "a difference
-of at least MARGIN" with the whole interval inside ±MARGIN (two one-sided tests, p doubled so that it matches the
-95% interval). Each of the two kinds of verdict is Holm-corrected on its own, at 5% familywise.
+Verdicts, one family at a time (one column of one table: every method against full finetuning, or each variant
+against LoRA at the same rank): Bonferroni's correction over the family's m comparisons, so that every interval
+printed is the simultaneous one at level 1 - 0.05 / m and each verdict can be read off it. With a margin M fixed
+per task before the run, an interval
+    wholly below 0 and wholly inside ±M   -> "below, within ±M"   (a real difference, but a small one)
+    wholly below 0                        -> "below"
+    containing 0, wholly inside ±M        -> "within ±M"
+    containing 0, reaching past ±M        -> "not distinguishable"
+("above" likewise). "borderline" is added where a deciding adjusted p-value lies within a factor of 3 of 0.05: a
+re-run on new seeds could well move that verdict. (Holm's step-down would reject a little more often, but has no
+interval that a reader can check a verdict against.)
 """
 
 import math
@@ -29,8 +36,8 @@ from scipy import stats
 
 from .storage import unpack_bits
 
-LEVEL = 0.95    # of every interval, and 1 - the familywise error rate of the verdicts
-MARGIN = 0.01   # "matches": the difference lies within ±1 point
+LEVEL = 0.95       # of every interval, and 1 - the familywise error rate of the verdicts
+BORDERLINE = 3.0   # a verdict is borderline where a deciding adjusted p lies within this factor of 1 - LEVEL
 
 
 def mean_ci(values, level: float = LEVEL) -> tuple[float, float, float]:
@@ -43,35 +50,52 @@ def mean_ci(values, level: float = LEVEL) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def difference(d: np.ndarray, items: np.ndarray | None = None, level: float = LEVEL) -> dict:
+def difference(d: np.ndarray, items: np.ndarray | None = None) -> dict:
     """The paired difference from per-seed differences d (S,) and, where known, the per-example differences
-    items (S, N) in {-1, 0, 1} (then d is their row means): its mean, interval, degrees of freedom, the p-value of
-    "no difference" and of "a difference of at least MARGIN" (the larger of the two one-sided tests, doubled so
-    that it is below 1 - level exactly when the whole interval lies inside ±MARGIN)."""
+    items (S, N) in {-1, 0, 1} (then d is their row means): its mean, standard error and degrees of freedom, and
+    the test set's floor: the standard error that would remain with infinitely many seeds (the example term)."""
     d = np.asarray(d, dtype=np.float64)
     S, mean = len(d), float(np.mean(d))
     if S < 2:
-        return {"diff_mean": mean, "diff_low": math.nan, "diff_high": math.nan, "df": math.nan, "p": math.nan,
-                "p_match": math.nan}
-    var, df = d.var(ddof=1) / S, S - 1  # the seeds' term alone
+        return {"diff_mean": mean, "se": math.nan, "df": math.nan, "floor_se": math.nan}
+    var, df, floor = d.var(ddof=1) / S, S - 1, math.nan  # the seeds' term alone
     if items is not None:
-        var, df = crossed_variance(np.asarray(items, dtype=np.float64))
-    se = math.sqrt(var)
-    t = stats.t(df)
-    half = t.ppf(0.5 + level / 2) * se
-    if se == 0:
-        p = 1.0 if mean == 0 else 0.0
-        p_match = 0.0 if abs(mean) < MARGIN else 1.0
-    else:
-        p = 2 * t.sf(abs(mean) / se)
-        p_match = min(1.0, 2 * max(t.sf((mean + MARGIN) / se), t.sf((MARGIN - mean) / se)))
-    return {"diff_mean": mean, "diff_low": mean - half, "diff_high": mean + half, "df": df, "p": p,
-            "p_match": p_match}
+        var, df, floor = crossed_variance(np.asarray(items, dtype=np.float64))
+    return {"diff_mean": mean, "se": math.sqrt(var), "df": df, "floor_se": math.sqrt(floor)}
 
 
-def crossed_variance(D: np.ndarray) -> tuple[float, float]:
-    """(variance of D's grand mean, its Satterthwaite degrees of freedom) for a seeds x examples table D (S, N):
-    (MS_seed + MS_example - MS_residual) / (S N), the example term dropped where it comes out negative."""
+def family(rows: pd.DataFrame, margin: float, level: float = LEVEL, m: int | None = None) -> pd.DataFrame:
+    """Intervals, adjusted p-values and verdicts for one family of differences (rows with diff_mean, se, df),
+    Bonferroni-corrected over its m rows: each interval at level 1 - (1 - level) / m; p the adjusted p-value of
+    "no difference", p_match that of "a difference of at least `margin`" (two one-sided tests, doubled so that
+    it is below 1 - level exactly when the interval lies inside ±margin). Columns diff_low, diff_high, p,
+    p_match, floor (the half-width the test set alone leaves, at the same level) and verdict. m: the family's
+    size where `rows` are only some of it."""
+    m, alpha = m or len(rows), 1 - level
+    out = []
+    for mean, se, df, floor_se in zip(rows["diff_mean"], rows["se"], rows["df"], rows.get("floor_se", rows["se"] * math.nan)):
+        if math.isnan(se):
+            out.append({"diff_low": math.nan, "diff_high": math.nan, "p": math.nan, "p_match": math.nan,
+                        "floor": math.nan, "verdict": ""})
+            continue
+        t = stats.t(df)
+        half = t.ppf(1 - alpha / m / 2) * se
+        if se == 0:
+            p, p_match = (1.0 if mean == 0 else 0.0), (0.0 if abs(mean) < margin else 1.0)
+        else:
+            p = 2 * t.sf(abs(mean) / se)
+            p_match = 2 * max(t.sf((mean + margin) / se), t.sf((margin - mean) / se))
+        p, p_match = min(1.0, m * p), min(1.0, m * p_match)
+        out.append({"diff_low": mean - half, "diff_high": mean + half, "p": p, "p_match": p_match,
+                    "floor": stats.norm.ppf(1 - alpha / m / 2) * floor_se, "verdict": verdict(p, p_match, mean, margin, level)})
+    return pd.DataFrame(out, index=rows.index, columns=["diff_low", "diff_high", "p", "p_match", "floor", "verdict"])
+
+
+def crossed_variance(D: np.ndarray) -> tuple[float, float, float]:
+    """(variance of D's grand mean, its Satterthwaite degrees of freedom, the example term's share of it) for a
+    seeds x examples table D (S, N): (MS_seed + MS_example - MS_residual) / (S N), the example term
+    (MS_example - MS_residual) / (S N) dropped where it comes out negative; that term is var(b) / N, what the
+    variance tends to with infinitely many seeds."""
     S, N = D.shape
     grand = D.mean()
     seed_means, example_means = D.mean(1), D.mean(0)  # (S,), (N,)
@@ -81,17 +105,18 @@ def crossed_variance(D: np.ndarray) -> tuple[float, float]:
     ms_seed, ms_example = ss_seed / (S - 1), ss_example / (N - 1)
     ms_residual = ss_residual / ((S - 1) * (N - 1))
     if ms_example <= ms_residual:  # no example effect to estimate: the seeds' term alone, S - 1 degrees of freedom
-        return ms_seed / (S * N), S - 1
+        return ms_seed / (S * N), S - 1, 0.0
     total = ms_seed + ms_example - ms_residual
     denominator = ms_seed ** 2 / (S - 1) + ms_example ** 2 / (N - 1) + ms_residual ** 2 / ((S - 1) * (N - 1))
-    return total / (S * N), total ** 2 / denominator if denominator > 0 else math.inf
+    df = total ** 2 / denominator if denominator > 0 else math.inf
+    return total / (S * N), df, (ms_example - ms_residual) / (S * N)
 
 
 def paired_differences(per_seed: pd.DataFrame, metric: str, baseline: str = "full") -> pd.DataFrame:
-    """Per method: the mean over seeds of (method - baseline) in `metric`, with its interval and p-values
+    """Per method: the mean over seeds of (method - baseline) in `metric`, with its standard error
     (`difference`); with a "test_correct" column (storage.pack_bits per run) the test set's noise is in them.
 
-    Columns method, diff_mean, diff_low, diff_high, p, p_match, diff_seeds. Only seeds that both ran are paired.
+    Columns method, diff_mean, se, df, floor_se, diff_seeds. Only seeds that both ran are paired.
     """
     wide = per_seed.pivot(index="seed", columns="method", values=metric)
     if baseline not in wide:
@@ -108,30 +133,16 @@ def paired_differences(per_seed: pd.DataFrame, metric: str, baseline: str = "ful
     return pd.DataFrame(rows)
 
 
-def holm(p: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values: the k-th smallest times (m - k + 1), made monotone, at most 1. A
-    hypothesis is rejected at familywise level alpha where its adjusted p-value is below alpha. NaN stays NaN
-    and does not count towards m."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(len(p), math.nan)
-    known = np.flatnonzero(~np.isnan(p))
-    order = known[np.argsort(p[known], kind="stable")]
-    m, running = len(order), 0.0
-    for k, i in enumerate(order):
-        running = max(running, min(1.0, (m - k) * p[i]))
-        out[i] = running
-    return out.tolist()
-
-
-def verdict(p_adjusted: float, p_match_adjusted: float, mean: float, level: float = LEVEL) -> str:
-    """"matches" (the whole interval within ±1 point), else "above" or "below" (zero excluded), else "not
-    distinguishable from"; "" where there is no test (full finetuning against itself, one seed, a diverged row).
-    Both p-values Holm-adjusted within the family."""
+def verdict(p: float, p_match: float, mean: float, margin: float, level: float = LEVEL) -> str:
+    """The verdict that a family's adjusted p-values allow (see the module's docstring): "below, within ±M",
+    "below", "within ±M", "not distinguishable" ("above" likewise), with " (borderline)" where either p-value lies
+    within a factor BORDERLINE of 1 - level; "" where there is no test (no interval)."""
     alpha = 1 - level
-    if math.isnan(p_adjusted):
+    if math.isnan(p):
         return ""
-    if p_match_adjusted < alpha:
-        return "matches"
-    if p_adjusted < alpha:
-        return "above" if mean > 0 else "below"
-    return "not distinguishable from"
+    within = f"within ±{100 * margin:g}"
+    side = "above" if mean > 0 else "below"
+    word = {(True, True): f"{side}, {within}", (True, False): side, (False, True): within,
+            (False, False): "not distinguishable"}[p < alpha, p_match < alpha]
+    near = any(alpha / BORDERLINE <= q <= alpha * BORDERLINE for q in (p, p_match))
+    return word + (" (borderline)" if near else "")

@@ -66,6 +66,11 @@ class Outputs:
         return self._file("_test_correct.csv")
 
     @property
+    def runner_up(self) -> Path:
+        """The summary rows of the methods whose runner-up rate was swept too, at that rate."""
+        return self._file("_runner_up.csv")
+
+    @property
     def lr_search(self) -> Path:
         return self._file("_lr_search.csv")
 
@@ -81,7 +86,7 @@ class Outputs:
 
     def all(self) -> list[Path]:
         return [self.summary, self.per_seed, self.test_correct, self.config, self.figure, self.lr_search,
-                self.learning_rates]
+                self.learning_rates, self.runner_up]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -176,15 +181,17 @@ def load_times(out: Outputs) -> dict[str, float]:
 
 
 def save_learning_rates(out: Outputs, tuning_fields: dict, grid: pd.DataFrame, chosen: dict[str, float],
-                        seconds: float | None = None) -> None:
-    """The search's grid and choice; `seconds`, the search's time, goes to out.times."""
+                        seconds: float | None = None, runner_up: dict[str, float] | None = None) -> None:
+    """The search's grid, choice and the runner-up rates swept too; `seconds`, the search's time, goes to
+    out.times."""
     atomic_write(out.lr_search, grid.to_csv(index=False).encode())
-    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen})
+    write_json(out.learning_rates, {"config": tuning_fields, "chosen": chosen, "runner_up": runner_up or {}})
     record_time(out, "search", seconds)
 
 
-def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) -> dict[str, float]:
-    """The chosen learning rates, refused when they were tuned for other `tuning_fields`."""
+def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str, with_runner_up: bool = False):
+    """The chosen learning rates (and, with_runner_up, also the runner-up rates: a pair of dicts), refused when
+    they were tuned for other `tuning_fields`."""
     path = out.learning_rates
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `{tune_command}` first")
@@ -193,7 +200,7 @@ def load_learning_rates(out: Outputs, tuning_fields: dict, tune_command: str) ->
         diff = {k: (saved["config"].get(k), v) for k, v in tuning_fields.items() if saved["config"].get(k) != v}
         raise ValueError(f"{path} was tuned for another config (field: (saved, now)): {diff}; "
                          f"run `{tune_command}` with this config")
-    return saved["chosen"]
+    return (saved["chosen"], saved.get("runner_up", {})) if with_runner_up else saved["chosen"]
 
 
 def load_config(out: Outputs) -> dict:
@@ -202,14 +209,24 @@ def load_config(out: Outputs) -> dict:
 
 
 def save_results(out: Outputs, cfg, per_seed: pd.DataFrame, results: pd.DataFrame, fig, device: torch.device,
-                 seconds: float, extra: dict | None = None) -> None:
-    """The summary (6 significant digits), every run (full precision) with which test examples it got right in a
-    file of its own (pack_bits), the config with the environment, the PNG; the sweep's `seconds` to out.times."""
-    atomic_write(out.summary, results.to_csv(index=False, float_format="%.6g").encode())
+                 seconds: float, extra: dict | None = None, runner_up: pd.DataFrame | None = None) -> None:
+    """The summary (6 significant digits) and its runner-up rows, every run (full precision) with which test
+    examples it got right in a file of its own (pack_bits), the config with the environment, the PNG; the sweep's
+    `seconds` to out.times."""
+    save_summary(out, results, fig, runner_up)
     atomic_write(out.per_seed, per_seed.drop(columns="test_correct").to_csv(index=False).encode())
-    atomic_write(out.test_correct, per_seed[["method", "seed", "test_correct"]].to_csv(index=False).encode())
+    keys = ["method", "seed"] + (["runner_up"] if "runner_up" in per_seed else [])
+    atomic_write(out.test_correct, per_seed[keys + ["test_correct"]].to_csv(index=False).encode())
     write_json(out.config, {"config": dataclasses.asdict(cfg), "environment": environment(device), **(extra or {})})
     record_time(out, "sweep", seconds)
+
+
+def save_summary(out: Outputs, results: pd.DataFrame, fig, runner_up: pd.DataFrame | None = None) -> None:
+    """What reporting writes: the summary (6 significant digits), its runner-up rows (a header alone where there
+    are none) and the PNG."""
+    atomic_write(out.summary, results.to_csv(index=False, float_format="%.6g").encode())
+    runner_up = results.iloc[:0] if runner_up is None or runner_up.empty else runner_up
+    atomic_write(out.runner_up, runner_up.to_csv(index=False, float_format="%.6g").encode())
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write(out.figure, buf.getvalue())
@@ -223,11 +240,20 @@ def with_int_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def load_per_seed(out: Outputs) -> pd.DataFrame:
     """Every run as the sweep returned it, the test examples each got right included."""
-    return with_int_columns(pd.read_csv(out.per_seed).merge(pd.read_csv(out.test_correct), on=["method", "seed"]))
+    per_seed = pd.read_csv(out.per_seed)
+    keys = ["method", "seed"] + (["runner_up"] if "runner_up" in per_seed else [])
+    return with_int_columns(per_seed.merge(pd.read_csv(out.test_correct), on=keys))
 
 
-def load_results(out: Outputs) -> pd.DataFrame:
-    """The summary as summarize returned it: ranks as ints, a missing verdict as "" (a CSV reads it back as NaN)."""
-    df = with_int_columns(pd.read_csv(out.summary))
-    verdicts = [c for c in df.columns if c.startswith("verdict_")]
+def load_results(out: Outputs, runner_up: bool = False) -> pd.DataFrame:
+    """The summary as summarize returned it (or, runner_up, its runner-up rows: empty where there is no such
+    file): ranks as ints, a missing verdict as "" (a CSV reads it back as NaN)."""
+    path = out.runner_up if runner_up else out.summary
+    if runner_up and not path.is_file():
+        return pd.DataFrame()
+    df = pd.read_csv(path)
+    if df.empty:
+        return df
+    df = with_int_columns(df)
+    verdicts = [c for c in df.columns if c.startswith("verdict_")]  # and rate_sensitive_* read back as bools
     return df.assign(**{c: df[c].astype(object).fillna("") for c in verdicts})

@@ -34,7 +34,7 @@ def test_each_figure_renders_from_the_committed_results_with_accuracy_and_differ
     accuracy, difference = fig.axes
     legend = " ".join(t.get_text() for t in accuracy.get_legend().get_texts())
     assert "± std over" in legend
-    assert "95% interval" in difference.get_title()
+    assert "95% interval" in difference.get_title()  # simultaneous, or the text tables' older per-row ones
     rows = len(storage.load_results(storage.Outputs(experiment))) - 1  # every method but full finetuning
     assert len(difference.get_yticks()) == rows
 
@@ -50,33 +50,61 @@ def test_points_of_different_series_that_share_a_count_are_drawn_side_by_side_an
     assert xs == [[1000, pytest.approx(2000 / 1.1 ** 0.5)], [pytest.approx(2000 * 1.1 ** 0.5), 8000], [4000]]
 
 
-def test_an_interval_and_a_verdict_read_off_the_paired_difference():
+def test_an_interval_reads_in_points_and_is_blank_where_there_is_none():
     assert report.interval(-0.0123, -0.02, -0.0046) == "-1.23 (-2.00 to -0.46)"
     assert report.interval(0.0, 0.0, 0.0) == "" and report.interval(0.01, float("nan"), float("nan")) == ""
-    assert [stats.verdict(p, p_match, mean) for p, p_match, mean in (
-        (0.01, 0.5, -0.02), (0.01, 0.5, 0.02), (0.2, 0.5, -0.01), (0.01, 0.01, -0.004), (math.nan, 0.0, 0.0))] == [
-        "below", "above", "not distinguishable from", "matches", ""]
+
+
+@pytest.mark.parametrize("p, p_match, mean, word", [
+    (0.001, 0.001, -0.004, "below, within ±0.5"),     # below zero, inside the margin
+    (0.001, 0.9, -0.02, "below"),                     # below zero, reaching past the margin
+    (0.001, 0.9, 0.02, "above"),
+    (0.9, 0.001, 0.001, "within ±0.5"),               # holds zero, inside the margin
+    (0.9, 0.9, -0.01, "not distinguishable"),
+    (0.04, 0.9, -0.02, "below (borderline)"),         # p within a factor of 3 of 0.05, either side
+    (0.9, 0.12, -0.001, "not distinguishable (borderline)"),
+    (0.001, 0.0167, -0.004, "below, within ±0.5 (borderline)"),
+    (0.001, 0.0166, -0.004, "below, within ±0.5"),    # just under 0.05 / 3: decided
+    (math.nan, 0.0, 0.0, ""),
+])
+def test_the_four_verdicts_and_borderline_on_constructed_adjusted_p_values(p, p_match, mean, word):
+    assert stats.verdict(p, p_match, mean, margin=0.005) == word
+
+
+def test_a_family_prints_the_simultaneous_interval_its_verdict_is_read_off():
+    """Bonferroni over m = 4: each interval at 1 - 0.05 / 4, each p-value times 4; a verdict agrees with its own
+    printed interval (zero excluded, inside ±M), whatever the row."""
+    rows = pd.DataFrame({"diff_mean": [-0.03, -0.003, 0.0005, -0.006], "se": [0.004, 0.0005, 0.0008, 0.004],
+                         "df": [4.0, 30.0, 9.0, 4.0], "floor_se": [0.001, 0.0005, 0.0, math.nan]})
+    got = stats.family(rows, margin=0.005)
+    t = scipy.stats.t(4)
+    assert got.loc[0, "diff_low"] == pytest.approx(-0.03 - t.ppf(1 - 0.05 / 8) * 0.004)
+    assert got.loc[0, "p"] == pytest.approx(min(1, 4 * 2 * t.sf(0.03 / 0.004)))
+    assert got.loc[1, "p_match"] == pytest.approx(4 * 2 * scipy.stats.t(30).sf(0.002 / 0.0005))
+    assert got.loc[1, "floor"] == pytest.approx(scipy.stats.norm.ppf(1 - 0.05 / 8) * 0.0005)
+    assert got["verdict"].str.removesuffix(" (borderline)").tolist() == [
+        "below", "below, within ±0.5", "within ±0.5", "not distinguishable"]
+    for _, r in got.iterrows():
+        below, inside = r.diff_high < 0, -0.005 < r.diff_low and r.diff_high < 0.005
+        assert (r.p < 0.05) == (below or r.diff_low > 0) and (r.p_match < 0.05) == inside
+    # the same row in a larger family: a wider interval, never a stronger verdict
+    wider = stats.family(rows.iloc[[1]], margin=0.005, m=40)
+    assert wider.loc[1, "diff_low"] < got.loc[1, "diff_low"] and wider.loc[1, "p"] == pytest.approx(min(1, 10 * got.loc[1, "p"]))
 
 
 def test_the_difference_adds_the_test_sets_noise_to_the_seeds_by_the_two_way_analysis_of_variance():
     """A known case by hand: D = [[1, 0, 0], [1, 1, 0]] (2 seeds, 3 examples). Mean squares: seeds 1/6, examples
     1/2, residual 1/6; the grand mean's variance (1/6 + 1/2 - 1/6) / 6 = 1/12, with Satterthwaite's
-    (1/2)^2 / ((1/6)^2 / 1 + (1/2)^2 / 2 + (1/6)^2 / 2) = 1.5 degrees of freedom."""
+    (1/2)^2 / ((1/6)^2 / 1 + (1/2)^2 / 2 + (1/6)^2 / 2) = 1.5 degrees of freedom; the test set's floor, what
+    would remain with infinitely many seeds, (1/2 - 1/6) / 6 = 1/18."""
     D = np.array([[1, 0, 0], [1, 1, 0]])
-    assert stats.crossed_variance(D) == pytest.approx((1 / 12, 1.5))
+    assert stats.crossed_variance(D) == pytest.approx((1 / 12, 1.5, 1 / 18))
     got = stats.difference(D.mean(1), D)
-    half = scipy.stats.t(1.5).ppf(0.975) * math.sqrt(1 / 12)
     assert got["diff_mean"] == pytest.approx(0.5) and got["df"] == pytest.approx(1.5)
-    assert (got["diff_low"], got["diff_high"]) == pytest.approx((0.5 - half, 0.5 + half))
-    assert got["p"] == pytest.approx(2 * scipy.stats.t(1.5).sf(0.5 / math.sqrt(1 / 12)))
+    assert got["se"] == pytest.approx(math.sqrt(1 / 12)) and got["floor_se"] == pytest.approx(math.sqrt(1 / 18))
     # no example effect (every example alike): the seeds' term alone, Student's t with S - 1 degrees of freedom
     alike = np.repeat(np.array([[0.01], [0.02], [0.03]]), 100, axis=1)
-    assert stats.crossed_variance(alike) == pytest.approx((np.var([0.01, 0.02, 0.03], ddof=1) / 3, 2))
-    # "matches" exactly where the whole 95% interval lies within ±1 point
-    for d in (np.array([0.001, 0.002, 0.0015]), np.array([-0.004, 0.001, -0.009])):
-        r = stats.difference(d)
-        assert (r["p_match"] < 0.05) == (r["diff_low"] > -0.01 and r["diff_high"] < 0.01)
-    assert stats.difference(np.array([0.001, 0.002, 0.0015]))["p_match"] < 0.05
+    assert stats.crossed_variance(alike) == pytest.approx((np.var([0.01, 0.02, 0.03], ddof=1) / 3, 2, 0))
 
 
 def test_the_interval_covers_the_true_difference_95_percent_of_the_time():
@@ -90,17 +118,9 @@ def test_the_interval_covers_the_true_difference_95_percent_of_the_time():
         shift = rng.normal(0.0, 0.01, (5, 1))
         other = rng.random((5, 500)) < np.clip(p_example + shift, 0, 1)
         items = other.astype(np.int8) - base
-        got = stats.difference(items.mean(1), items)
-        covered += got["diff_low"] <= 0 <= got["diff_high"]
+        got = stats.family(pd.DataFrame([stats.difference(items.mean(1), items)]), margin=0.01)  # m = 1: 95%
+        covered += got.loc[0, "diff_low"] <= 0 <= got.loc[0, "diff_high"]
     assert 0.92 <= covered / 400 <= 0.98  # 0.95 measured
-
-
-def test_holm_adjusts_the_k_th_smallest_p_value_by_m_minus_k_plus_1_and_keeps_the_order():
-    p = [0.01, 0.04, 0.03, 0.005, math.nan]
-    adjusted = stats.holm(p)
-    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])  # 4 x 0.005, 3 x 0.01, 2 x 0.03, max(1 x 0.04, 0.06)
-    assert math.isnan(adjusted[4])
-    assert stats.holm([0.9, 0.8]) == [1.0, 1.0]  # 2 x 0.8 capped at 1, and never below an earlier one
 
 
 def test_mean_ci_is_students_t_interval():
@@ -115,14 +135,14 @@ def test_paired_differences_pair_by_seed_not_by_position():
                              "acc": [0.80, 0.90, 0.70, 0.72, 0.92, 0.82]})
     d = stats.paired_differences(per_seed, "acc").set_index("method")
     assert d.loc["lora", "diff_mean"] == pytest.approx(0.02)
-    assert d.loc["lora", "diff_low"] == pytest.approx(0.02) == d.loc["lora", "diff_high"]  # the same +0.02 each seed
+    assert d.loc["lora", "se"] == pytest.approx(0, abs=1e-12)  # the same +0.02 each seed
     with pytest.raises(ValueError, match="baseline 'nothing'"):
         stats.paired_differences(per_seed, "acc", baseline="nothing")
 
 
 def test_compare_says_byte_identical_for_the_same_files_and_names_what_moved_otherwise(tmp_path):
     """The re-run report (python -m experiments compare): the committed MLP files against themselves, then against
-    a copy with one rate, one verdict and one mean changed."""
+    a copy with one rate, one verdict in each column and one mean changed."""
     from experiments import compare
     committed = storage.Outputs("mlp")
     text, table = compare.compare(committed, committed)
@@ -131,16 +151,34 @@ def test_compare_says_byte_identical_for_the_same_files_and_names_what_moved_oth
     other.test_correct.parent.mkdir(parents=True)
     other.test_correct.write_bytes(committed.test_correct.read_bytes())
     results = storage.load_results(committed)
+    n = len(results)
     i = results.index[results.method == "lora_r8"][0]
+    j = results.index[results.method == "dora_r8"][0]
     results.loc[i, "lr"] = 0.5
-    results.loc[i, "verdict_vs_full"] = "matches"
+    results.loc[i, "verdict_vs_full"] = "above"
+    results.loc[j, "verdict_vs_lora"] = "above"
     results.loc[i, "acc_B_mean"] += 3 * results.loc[i, "acc_B_std"]
     results.to_csv(other.summary, index=False)
     text, table = compare.compare(other, committed)
-    assert "not byte-identical; 14 of 15 learning rates the same" in text
-    assert "LoRA r=8 0.5 → 0.01" in text and "LoRA r=8 matches → below" in text
+    now = storage.load_results(committed).set_index("method")
+    assert f"not byte-identical; {n - 1} of {n} learning rates the same" in text
+    assert f"LoRA r=8 0.5 → {now.loc['lora_r8', 'lr']:g}" in text
+    assert f"LoRA r=8 against full finetuning: above → {report.cell_word(now.loc['lora_r8', 'verdict_vs_full'], now.loc['lora_r8', 'rate_sensitive_vs_full'])}" in text
+    assert "DoRA r=8 against LoRA: above → " in text  # the second column is compared too
     assert "More than two seed standard deviations apart: LoRA r=8." in text
-    assert len(table) == 15 and "| LoRA r=8 |" in compare.markdown(table)
+    assert len(table) == n and "| LoRA r=8 |" in compare.markdown(table)
+
+
+@pytest.mark.parametrize("before, now, agree", [
+    ("below", "below", True), ("below (borderline)", "below", True),
+    ("below", "not distinguishable", False),
+    ("below (borderline)", "not distinguishable (borderline)", True),      # borderline on both sides
+    ("below; rate-sensitive", "within ±0.5 (borderline)", True),
+    ("below (borderline)", "within ±0.5", False),                         # marked on one side only
+])
+def test_two_runs_agree_on_a_verdict_with_the_same_words_or_marked_at_the_margin_in_both(before, now, agree):
+    from experiments import compare
+    assert compare.agree(before, now) is agree
 
 
 def test_compare_against_a_git_revision_reads_the_committed_files(capsys):

@@ -10,25 +10,19 @@ import pandas as pd
 import torch
 
 import lora
+import nf4
 
-from .. import figures, report
 from ..methods import Method
-from ..protocol import TUNING_SEED, Experiment, diverged
+from ..protocol import TUNING_SEED, Experiment
 from ..storage import ROOT, cached, pack_bits
 from ..trainer import accuracy, correct, fit, set_seed, stack
+from . import report as mnist_report
 from . import stacked_mlp
 from .config import Config
 from .models import add_adapter, make_model
 from .tasks import load_tasks
 
 PACKAGE = Path(__file__).resolve().parents[1]
-# The reference notebook's published table (github.com/sunildkumar/lora_from_scratch): trainable parameters and
-# test accuracy. Its "full finetune" was trained and tested on digits 0-4 by a bug; its LoRA runs got up to
-# 100 epochs x ~421 steps = ~42,100 steps, about 40x the 1,050 of ours.
-REFERENCE = {"full": (54_700, 0.984), 1: (1_045, 0.8747), 2: (2_090, 0.9314955), 4: (4_180, 0.9640),
-             8: (8_360, 0.9710), 16: (16_720, 0.9765), 32: (33_440, 0.9796), 64: (66_880, 0.9804567)}
-
-
 def pretrain(cfg: Config, tasks, seeds: list[int]) -> dict:
     """Train one base model per seed on task A. Returns stacked params and accuracies."""
     states = []
@@ -80,6 +74,20 @@ def initial_adapters(cfg: Config, method: Method, seeds: list[int], base: dict[s
     return {k: v.to(device) for k, v in stack(adapters).items()}
 
 
+def four_bit(cfg: Config, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each seed's pretrained base with its hidden layers' weights as QLoRA computes with them: quantized to NF4
+    by nf4.quantize_model (blocks of 64, double quantization; the 5-way head kept in full precision, as QLoRA
+    keeps the output layer) and dequantized, which is exactly what LinearNF4's forward multiplies by."""
+    weights = []
+    for i in range(len(next(iter(base.values())))):
+        model = make_model(cfg.model, cfg.dropout)
+        model.load_state_dict({k: v[i].cpu() for k, v in base.items()})
+        names = nf4.quantize_model(model, targets=list(stacked_mlp.LAYERS[:-1]))
+        weights.append({f"{n}.weight": model.get_submodule(n).dequantized_weight() for n in names})
+    device = next(iter(base.values())).device
+    return {**base, **{k: v.to(device) for k, v in stack(weights).items()}}
+
+
 def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor], method: Method,
              lrs: tuple[float, ...], test: bool = True) -> dict:
     """Adapt every seed's pretrained model to task B with one method, at each learning rate of `lrs`: all
@@ -88,6 +96,8 @@ def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor]
     not look at them)."""
     L = len(lrs)
     seeds_all = [s for _ in lrs for s in seeds]  # (L * S,): learning-rate major
+    if method.nf4:  # QLoRA: the frozen base as its 4-bit storage gives it back; A and B start as LoRA's
+        base = four_bit(cfg, base)
     model = make_model(cfg.model, cfg.dropout)
     alpha, scaling = None, 1.0
     if method.kind == "lora":
@@ -117,7 +127,8 @@ def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor]
            "targets": method.target_set if method.kind == "lora" else None,
            "dora": method.dora, "alpha": alpha, "lrs": [lr for lr in lrs for _ in seeds], "seeds": seeds_all,
            "trainable_params": trainable, "total_params": total,
-           "losses": losses, "val_acc_B": val.float().mean(-1).tolist(), "val_correct": val.sum(-1).tolist()}
+           "nf4": method.nf4, "losses": losses, "val_acc_B": val.float().mean(-1).tolist(),
+           "val_correct": val.sum(-1).tolist()}
     if not test:
         return out
     test_b = correct(model, params, tasks["B"]["test"], frozen)  # (L * S, N_test): kept for the intervals
@@ -132,9 +143,9 @@ def finetune(cfg: Config, tasks, seeds: list[int], base: dict[str, torch.Tensor]
 class MnistExperiment(Experiment):
     """The MLP or the row transformer (cfg.model), MNIST 0-4 -> 5-9."""
     metric, val_metric = "acc_B", "val_acc_B"
-    per_seed_columns = ("method", "rank", "targets", "dora", "alpha", "seed", "lr", "trainable_params", "acc_B",
-                        "acc_A_after", "acc_A_disabled", "acc_A_pretrained", "acc_B_pretrained",
-                        "loss_first_epoch", "loss_last_epoch", "test_correct")
+    per_seed_columns = ("method", "rank", "targets", "dora", "nf4", "alpha", "seed", "lr", "trainable_params",
+                        "acc_B", "val_acc_B", "acc_A_after", "acc_A_disabled", "acc_A_pretrained",
+                        "acc_B_pretrained", "loss_first_epoch", "loss_last_epoch", "test_correct")
     classes = 5
     cache = ROOT / "runs"
     parallel_on_cpu = True
@@ -149,7 +160,7 @@ class MnistExperiment(Experiment):
 
     def code_files(self) -> list[Path]:
         mnist = ("config.py", "models.py", "row_transformer.py", "stacked_mlp.py", "tasks.py", "experiment.py")
-        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py", "protocol.py")]
+        return ([ROOT / "lora.py", ROOT / "nf4.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py")]
                 + [PACKAGE / "mnist" / f for f in mnist])
 
     def prepare(self, seeds: list[int], folder: Path) -> dict:
@@ -159,11 +170,12 @@ class MnistExperiment(Experiment):
         if seeds[0] >= TUNING_SEED:  # tuning never looks at the test images
             r = finetune(self.cfg, self.tasks(), seeds, base["params"], method, lrs, test=False)
             return [{"method": r["method"], "seed": s, "lr": r["lrs"][i], "val_acc_B": r["val_acc_B"][i],
-                     "val_correct": r["val_correct"][i], "loss_last_epoch": r["losses"][i][-1]}
+                     "val_correct": r["val_correct"][i], "loss_first_epoch": r["losses"][i][0],
+                     "loss_last_epoch": r["losses"][i][-1]}
                     for i, s in enumerate(r["seeds"])]
         r = finetune(self.cfg, self.tasks(), seeds, base["params"], method, lrs)
         disabled = r.get("acc_A_disabled", [None] * len(r["seeds"]))
-        return [{"method": r["method"], "rank": r["rank"], "targets": r["targets"], "dora": r["dora"],
+        return [{"method": r["method"], "rank": r["rank"], "targets": r["targets"], "dora": r["dora"], "nf4": r["nf4"],
                  "alpha": r["alpha"], "seed": s, "lr": r["lrs"][i], "trainable_params": r["trainable_params"],
                  "acc_B": r["acc_B"][i], "acc_A_after": r["acc_A_after"][i], "acc_A_disabled": disabled[i],
                  "acc_A_pretrained": base["acc_A"][i % len(seeds)], "acc_B_pretrained": base["acc_B"][i % len(seeds)],
@@ -171,56 +183,15 @@ class MnistExperiment(Experiment):
                  "val_acc_B": r["val_acc_B"][i], "val_correct": r["val_correct"][i],
                  "test_correct": r["test_correct"][i]} for i, s in enumerate(r["seeds"])]
 
+    # Reporting lives in mnist/report.py, outside the run cache's key: editing it never throws a trained run away.
     def summarize(self, per_seed: pd.DataFrame) -> pd.DataFrame:
-        per_seed = per_seed.assign(diverged=diverged(per_seed["loss_last_epoch"], self.classes))
-        return report.summarize(per_seed, self.methods, self.metric, ("acc_A_after", "acc_A_pretrained", "diverged"),
-                                {"epochs": self.cfg.finetune_epochs, "batch_size": self.cfg.batch_size})
+        return mnist_report.summarize(self, per_seed)
 
-    def table(self, results: pd.DataFrame) -> pd.DataFrame:
-        return report.table(results, self.cfg.model != "mlp", "test accuracy on 5-9",
-                            {"accuracy on 0-4 after finetuning": "acc_A_after_mean"})
+    def table(self, results: pd.DataFrame, runner_up: pd.DataFrame | None = None) -> pd.DataFrame:
+        return mnist_report.table(self, results, runner_up)
 
     def plot(self, results: pd.DataFrame):
-        cfg = self.cfg
-        title = "MLP 784-64-64-5" if cfg.model == "mlp" else "Row transformer (row_transformer.py)"
-        return figures.plot(results, f"{title}, MNIST 0-4 → 5-9: LoRA against full finetuning, every method "
-                                     f"{cfg.finetune_epochs} epochs at batch size {cfg.batch_size}",
-                            "test accuracy on digits 5-9 (task B)", reference_lines if cfg.model == "mlp" else None)
+        return mnist_report.plot(self, results)
 
-    def readme_block(self, results: pd.DataFrame, config: dict) -> str:
-        c, env = config["config"], config["environment"]
-        images = (f"the {60_000 - c['val_size']:,} training images outside the validation split"
-                  if c["train_subset"] is None else f"{c['train_subset']:,} of the training images")
-        n_b = len(self.tasks()["B"]["train"][1])  # the digits 5-9 among the training images
-        return report.markdown(self.table(results)) + (
-            f"\n\n{c['seeds']} seeds, {images}, of which each finetuning run sees the {n_b:,} of digits 5-9; "
-            f"every method {c['finetune_epochs']} epochs at batch size {c['batch_size']} with Adam (warmup, cosine "
-            f"schedule, gradient norm clipped at 1), after {c['pretrain_epochs']} epochs of pretraining on 0-4, which "
-            f"reach {results['acc_A_pretrained_mean'].iloc[0]:.3f} on the 0-4 test set (mean over seeds); learning "
-            f"rates chosen on {c['tune_seeds']} tuning seeds. Made on {report.machine(env)}."
-            "\n\n"
-            + report.findings(results, self.cfg.model != "mlp")
-            + (" " + against_reference(results) if self.cfg.model == "mlp" else ""))
-
-
-def against_reference(results: pd.DataFrame) -> str:
-    """Our LoRA means against the reference notebook's one-seed table, rank by rank: higher, lower, or within
-    half a point of it."""
-    ours = results[(results["method"] != "full") & ~results["dora"].astype(bool)].set_index("rank")["acc_B_mean"]
-    groups = {}
-    for r, acc in ours.items():
-        if r in REFERENCE:
-            d = acc - REFERENCE[r][1]
-            side = "within half a point" if abs(d) <= 0.005 else f"{'higher' if d > 0 else 'lower'} by more than half a point"
-            groups.setdefault(side, []).append(f"r={r}: {acc:.3f} against {REFERENCE[r][1]:.3f}")
-    return ("Against the reference notebook's one-seed LoRA table (trained up to ~40x our steps), ours is "
-            + "; ".join(f"{side} at {', '.join(pairs)}" for side, pairs in groups.items()) + ".")
-
-
-def reference_lines(ax) -> None:
-    """The reference notebook's LoRA table as a dashed line, and its full finetune as the bug it is."""
-    ref_r = [r for r in REFERENCE if r != "full"]
-    ax.plot([REFERENCE[r][0] for r in ref_r], [REFERENCE[r][1] for r in ref_r], "s--", color="tab:gray",
-            mfc="none", label="LoRA, reference notebook (1 seed, up to ~40× our steps)")
-    ax.plot(*REFERENCE["full"], "x", color="0.75", ms=8, mew=2,
-            label="full finetune, reference notebook: not comparable,\na bug trained and tested it on digits 0-4")
+    def readme_block(self, results: pd.DataFrame, config: dict, runner_up: pd.DataFrame | None = None) -> str:
+        return mnist_report.readme_block(self, results, config, runner_up)

@@ -22,6 +22,8 @@ class TextConfig:
     #                                                  (protocol.py) costs a pass of its own
 
     tune_seeds: int = 3                              # seeds 100, 101, ... choose learning rates on validation
+    margin: float = 0.01                             # "within ±M": ±1 point, a share of full finetuning's error of
+    #                                                  about 10-20% on these reviews
     val_size: int = 1066                             # reviews held out for choosing learning rates
     test_size: int = 1066                            # reviews held out for the reported numbers
     train_size: int | None = None                    # training reviews; None: every review not in val or test

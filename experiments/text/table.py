@@ -16,7 +16,8 @@ TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "imdb": "IMDB"}
 COLUMNS = {"method": "method", "rank": "rank", "targets": "targets", "trainable_params": "trainable_params",
            "test_acc_mean": "acc_mean", "test_acc_std": "acc_std", "seeds": "seeds", "diff_vs_full": "diff_vs_full",
            "diff_vs_full_low": "diff_vs_full_low", "diff_vs_full_high": "diff_vs_full_high",
-           "verdict_vs_full": "verdict_vs_full", "diverged_mean": "diverged_mean", "lr": "lr",
+           "verdict_vs_full": "verdict_vs_full", "rate_sensitive_vs_full": "rate_sensitive_vs_full",
+           "diverged_mean": "diverged_mean", "lr": "lr",
            "epochs": "epochs", "max_len": "max_len"}
 
 
@@ -34,8 +35,9 @@ def combine(root: Path = ROOT) -> pd.DataFrame:
 
 
 def load(root: Path = ROOT) -> pd.DataFrame:
-    """results/text.csv as combine() wrote it (ranks as ints)."""
-    return pd.read_csv(Path(root) / "results" / "text.csv", dtype={"rank": "Int64"})
+    """results/text.csv as combine() wrote it (ranks as ints, a missing verdict as "")."""
+    table = pd.read_csv(Path(root) / "results" / "text.csv", dtype={"rank": "Int64"})
+    return table.assign(verdict_vs_full=table["verdict_vs_full"].astype(object).fillna(""))
 
 
 def training_time(root: Path = ROOT) -> str:
@@ -61,34 +63,40 @@ def table2(combined: pd.DataFrame) -> pd.DataFrame:
         label = TASK_LABELS[task]
         cells[f"{label}: accuracy"] = [f"{100 * m:.2f} ± {100 * s:.2f}" + report.diverged_note(r)
                                         for (_, r), m, s in zip(rows.iterrows(), rows.acc_mean, rows.acc_std)]
-        cells[f"{label}: − full, points (95% interval)"] = [
+        cells[f"{label}: − full, points (simultaneous 95% interval)"] = [
             report.interval(*v) or "—" for v in zip(rows.diff_vs_full, rows.diff_vs_full_low, rows.diff_vs_full_high)]
-        cells[f"{label}: verdict"] = rows.verdict_vs_full.map(report.cell_word).tolist()
+        cells[f"{label}: verdict"] = [report.cell_word(v, s) for v, s in
+                                      zip(rows.verdict_vs_full, rows.get("rate_sensitive_vs_full", [False] * len(rows)))]
     return pd.DataFrame(cells)
 
 
 def verdicts(combined: pd.DataFrame) -> str:
-    """Per task, which methods match, lie below or above, or are not distinguishable from full finetuning
-    (Holm-corrected over the task's comparisons), and what that says of the paper's claim."""
+    """Per task, each method's verdict against full finetuning (simultaneous intervals over the task's
+    comparisons), and what that says of the paper's claim, no more than the intervals say."""
     lines = []
     for task, rows in combined.groupby("task", sort=False):
         judged = rows[rows.verdict_vs_full.map(report.cell_word) != ""]
         groups = {}
         for _, r in judged.iterrows():
-            groups.setdefault(r.verdict_vs_full, []).append(report.method_label(r))
-        said = "; ".join(f"{report.cell_word(v)}: {', '.join(ms)}" for v, ms in groups.items())
+            groups.setdefault(report.cell_word(r.verdict_vs_full, r.get("rate_sensitive_vs_full", False)),
+                              []).append(report.method_label(r))
+        said = "; ".join(f"{v}: {', '.join(ms)}" for v, ms in groups.items())
         qv = judged[judged.targets == "qv"]
-        matches = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full in ("matches", "above")]
-        unclear = [f"r={r['rank']}" for _, r in qv.iterrows() if r.verdict_vs_full == "not distinguishable from"]
-        if matches:
-            claim = f"LoRA on Wq, Wv matches full finetuning within ±1 point (or is above it) at {', '.join(matches)}"
+        word = lambda r: r.verdict_vs_full.removesuffix(" (borderline)")
+        close = [f"r={r['rank']}" for _, r in qv.iterrows() if word(r).startswith(("within", "above"))]
+        unclear = [f"r={r['rank']}" for _, r in qv.iterrows() if word(r) == "not distinguishable"]
+        if close:
+            claim = (f"LoRA on Wq, Wv is within the margin of full finetuning, or above it, at {', '.join(close)}: "
+                     "the paper's claim holds there")
         elif unclear:
-            claim = (f"LoRA on Wq, Wv neither matches full finetuning within ±1 point nor is shown below it at "
+            claim = (f"LoRA on Wq, Wv is neither shown within the margin of full finetuning nor below it at "
                      f"{', '.join(unclear)}: the data cannot settle the paper's claim there")
         else:
-            claim = "LoRA on Wq, Wv is below full finetuning at every rank: the paper's claim is not reproduced"
+            claim = ("LoRA on Wq, Wv is below full finetuning at every rank: the paper's claim is not observed in this "
+                     "smaller setting (another model, data, budget and precision than the paper's)")
         lines.append(f"- **{TASK_LABELS[task]}** ({len(judged)} comparisons with full finetuning over "
-                     f"{int(rows.seeds.min())} paired seeds, Holm-corrected): {said}. Here {claim}, at this budget.")
+                     f"{int(rows.seeds.min())} paired seeds, simultaneous intervals): {said}. Here {claim}, at this "
+                     "budget.")
     return "\n".join(lines)
 
 
