@@ -58,7 +58,7 @@ def summarize(per_seed: pd.DataFrame, methods: list[Method], metric: str, margin
         fam = family_table(per_seed, metric, members, baseline, margin)
         for src, name in column_names(against).items():
             out[name] = out["method"].map(fam[src]).astype(float)
-        out[f"verdict_{against}"] = out["method"].map(fam["verdict"]).fillna("")
+        out[f"verdict_{against}"] = out["method"].map(fam["verdict"]).astype(object).fillna("")
         out[f"rate_sensitive_{against}"] = [
             n in fam.index and rate_sensitive(per_seed, alt, metric, n, baseline[n], len(members), margin)
             for n in out["method"]]

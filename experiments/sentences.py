@@ -82,7 +82,8 @@ def caveats(rows: pd.DataFrame, against: str) -> str:
     if len(sensitive):
         parts.append(f"{len(sensitive)} {verb(len(sensitive))} rate-sensitive (*: the runner-up learning rate gives "
                      "another verdict)")
-    return (" " + "; ".join(parts) + ": a re-run on new seeds could move them.") if parts else ""
+    n = len(set(borderline.index) | set(sensitive.index))
+    return (" " + "; ".join(parts) + f": a re-run on new seeds could move {'it' if n == 1 else 'them'}.") if parts else ""
 
 
 def trend(rows: pd.DataFrame) -> str:
@@ -138,8 +139,8 @@ def headline(results: pd.DataFrame) -> str:
         if len(judged):
             below = int((judged["diff_vs_lora"] < 0).sum())
             out.append(f"Compared rank by rank with LoRA over the same seeds, {name} ({what}) "
-                       f"{_against(judged, 'vs_lora', 'LoRA')}; {below} of its {len(judged)} estimates are below "
-                       "LoRA's." + caveats(judged, "vs_lora"))
+                       f"{_against(judged, 'vs_lora', 'LoRA')}; {below} of its {len(judged)} estimates "
+                       f"{'is' if below == 1 else 'are'} below LoRA's." + caveats(judged, "vs_lora"))
     return table + "\n\n" + " ".join(out)
 
 

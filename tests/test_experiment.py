@@ -65,7 +65,13 @@ def test_the_model_is_the_reference_architecture():
 def test_methods_are_data_with_names_and_distinct_dropout_streams():
     mlp, tf = Config().methods, Config.transformer().methods
     ranks = Config().ranks
-    assert [m.name for m in mlp] == ["full"] + [f"lora_r{r}" for r in ranks] + [f"dora_r{r}" for r in ranks]
+    assert [m.name for m in mlp] == (["full"] + [f"lora_r{r}" for r in ranks] + [f"dora_r{r}" for r in ranks]
+                                     + [f"qlora_r{r}" for r in Config().qlora_ranks])
+    assert Config().qlora_ranks == (1, 8, 64) and all(m.nf4 for m in mlp[-3:])
+    with pytest.raises(ValueError, match="DoRA over a 4-bit base"):
+        Method("lora", 4, dora=True, nf4=True)
+    with pytest.raises(ValueError, match="qlora_ranks must be some of ranks"):
+        Config(qlora_ranks=(3,))
     assert [m.name for m in tf[:3]] == ["full", "lora_qv_r1", "lora_qv_r2"] and len(tf) == 1 + 3 * 4
     assert tf[-1] == Method("lora", 8, "all") and tf[-1].target_set == "all"
     with pytest.raises(ValueError, match="target_set must be one of"):
@@ -76,7 +82,7 @@ def test_methods_are_data_with_names_and_distinct_dropout_streams():
     # Pinned: a method's dropout stream must not move when target sets or methods are added.
     assert [Method("head").dropout_seed, Method("lora", 8, "qv").dropout_seed, Method("lora", 8, "qkvo").dropout_seed,
             Method("lora", 4, dora=True).dropout_seed] == [500, 9100, 9200, 5050]
-    with pytest.raises(ValueError, match="only a LoRA method has a rank or DoRA"):
+    with pytest.raises(ValueError, match="only a LoRA method has a rank, DoRA or a 4-bit base"):
         Method("full", dora=True)
     with pytest.raises(ValueError, match="needs a rank"):
         Method("lora")
@@ -128,10 +134,13 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert set(lrs) == set(names) and all(lr in QUICK.lr_grid for lr in lrs.values())
     assert len(grid) == len(names) * len(QUICK.lr_grid)
     assert (per_seed.loss_last_epoch < per_seed.loss_first_epoch).all()
-    assert per_seed.groupby("method").loss_last_epoch.nunique().eq(QUICK.seeds).all()  # each seed's own loss
+    chosen = per_seed[~per_seed.runner_up]  # a near tie's second rate is swept too, as a sensitivity row
+    assert chosen.groupby("method").loss_last_epoch.nunique().eq(QUICK.seeds).all()  # each seed's own loss
     assert (per_seed.acc_B > per_seed.acc_B_pretrained).all()  # finetuning on 5-9 helps on 5-9
-    lora_rows = per_seed[per_seed.method != "full"]
+    lora_rows = per_seed[(per_seed.method != "full") & ~per_seed.nf4]
     assert (lora_rows.acc_A_disabled == lora_rows.acc_A_pretrained).all()  # disable_lora is exact
+    qlora = per_seed[per_seed.nf4]  # switched off, QLoRA gives the 4-bit base back, not the float32 one
+    assert len(qlora) and (qlora.acc_A_disabled != qlora.acc_A_pretrained).any()
     assert list(results.method) == names
     assert results.set_index("method").loc["lora_r4", "trainable_params"] == 1_045 * 4
     assert results.set_index("method").loc["dora_r4", "trainable_params"] == 1_045 * 4 + 64 + 64 + 5  # + magnitudes
@@ -439,3 +448,26 @@ def test_growing_stops_where_the_next_rate_diverges(tmp_path):
     assert rows.index.tolist() == [1e-3, 3e-3, 1e-2, 3e-2]  # grown once, then stopped
     assert rows.loc[3e-2, "flag"] == "diverged" and rows.loc[3e-2, "rule"] == "diverged"
     assert rows.loc[1e-2, "rule"] == "chosen"
+
+
+def test_qlora_trains_over_the_nf4_round_trip_of_the_hidden_layers_and_keeps_the_head():
+    """four_bit: each seed's hidden weights as LinearNF4 computes with them (nf4.quantize_model, then dequantized),
+    the 5-way head untouched; the stacked MLP's forward over them is the quantized model's own output."""
+    import nf4
+    from experiments.mnist import stacked_mlp
+    from experiments.mnist.experiment import four_bit
+    from experiments.trainer import stack
+    models = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        models.append(make_mlp(dropout=0.0))
+    base = stack([m.state_dict() for m in models])
+    q = four_bit(dataclasses.replace(QUICK, dropout=0.0), base)
+    assert torch.equal(q["6.weight"], base["6.weight"]) and torch.equal(q["0.bias"], base["0.bias"])
+    assert not torch.equal(q["0.weight"], base["0.weight"]) and not torch.equal(q["3.weight"], base["3.weight"])
+    x = torch.randn(2, 7, 784)
+    got = stacked_mlp.forward({}, q, x, 1.0, 0.0, training=False)  # (S, B, 5)
+    for i, m in enumerate(models):
+        kept = nf4.quantize_model(m, targets=["0", "3"])
+        assert kept == ["0", "3"] and isinstance(m[6], torch.nn.Linear)
+        torch.testing.assert_close(got[i], m.eval()(x[i]), rtol=0, atol=1e-6)

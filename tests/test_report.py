@@ -188,3 +188,31 @@ def test_compare_against_a_git_revision_reads_the_committed_files(capsys):
     assert out.startswith("mlp: ")  # byte-identical where the working tree's results are HEAD's, else what moved
     with pytest.raises(SystemExit):
         cli(["compare", "--experiment", "mlp", "--against", "no-such-revision"])
+
+
+def test_a_verdict_that_differs_at_the_runner_up_rate_is_marked_rate_sensitive():
+    """report.summarize with the runs of a runner-up rate: they never enter the table's numbers, only the mark, and
+    report.runner_up_rows gives the method's row at that rate."""
+    from experiments.methods import Method
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(6):
+        for method, lr, acc, runner in (("full", 0.01, 0.98, False), ("lora_r4", 0.01, 0.978, False),
+                                        ("lora_r4", 0.03, 0.90, True), ("lora_r8", 0.01, 0.90, False),
+                                        ("lora_r8", 0.003, 0.901, True)):
+            rows.append({"method": method, "rank": None if method == "full" else int(method[6:]),
+                         "targets": None if method == "full" else "all", "dora": False, "alpha": 1,
+                         "trainable_params": 100, "seed": seed, "lr": lr, "runner_up": runner,
+                         "acc": acc + rng.normal(0, 0.0005)})
+    per_seed = pd.DataFrame(rows)
+    methods = [Method("full"), Method("lora", 4, show_target_set=False), Method("lora", 8, show_target_set=False)]
+    summarize = lambda p: report.summarize(p, methods, "acc", margin=0.005)
+    results = summarize(per_seed).set_index("method")
+    assert results.loc["lora_r4", "acc_mean"] == pytest.approx(per_seed.query("method == 'lora_r4' and not runner_up").acc.mean())
+    assert "within ±0.5" in results.loc["lora_r4", "verdict_vs_full"]
+    assert results.loc["lora_r4", "rate_sensitive_vs_full"] and results.loc["lora_r4", "lr_runner_up"] == 0.03
+    assert results.loc["lora_r8", "verdict_vs_full"] == "below" and not results.loc["lora_r8", "rate_sensitive_vs_full"]
+    alt = report.runner_up_rows(per_seed, summarize).set_index("method")
+    assert list(alt.index) == ["lora_r4", "lora_r8"] and alt.loc["lora_r4", "lr"] == 0.03
+    assert alt.loc["lora_r4", "verdict_vs_full"] == "below"
+    assert "LoRA r=4 (runner-up rate)" in report.table(results.reset_index(), False, runner_up=alt.reset_index())["method"].tolist()

@@ -47,7 +47,7 @@ def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     exp = TextExperiment(TextConfig.quick(), CPU)
     out = storage.Outputs(exp.name, root)
-    grid, chosen = protocol.tune(exp, root / "runs", progress=False)
+    grid, chosen, _ = protocol.tune(exp, root / "runs", progress=False)
     storage.save_learning_rates(out, protocol.tuning_fields(exp.cfg), grid, chosen)
     per_seed = protocol.sweep(exp, chosen, root / "runs", progress=False)
     results = exp.summarize(per_seed)
