@@ -649,16 +649,6 @@ def same_adapters_in_peft(ours, make, targets):
     return theirs
 
 
-def zero_out_proj_updates(model):
-    """B = 0 on every attention's out_proj (ours or PEFT's), where PEFT 0.21.2 adds its update twice."""
-    with torch.no_grad():
-        for n, m in model.named_modules():
-            if n.endswith("out_proj.lora_B"):
-                m["default"].weight.zero_()
-            elif n.endswith("out_proj") and isinstance(m, lora.LoRALayer):
-                m.lora_B.zero_()
-
-
 def test_a_dilated_or_circular_convolution_is_refused_by_the_peft_writer_whose_format_drops_both(tmp_path):
     for conv in (nn.Conv2d(3, 4, 3, dilation=2), nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")):
         model = nn.Sequential(conv)
@@ -669,25 +659,16 @@ def test_a_dilated_or_circular_convolution_is_refused_by_the_peft_writer_whose_f
 
 
 def test_self_attn_adapters_match_peft_in_training_and_count_in_eval_where_peft_misses_them():
-    """PEFT 0.21.2's nn.MultiheadAttention LoRA is wrong twice: it merges around each call, but
+    """PEFT 0.21.2 added an nn.MultiheadAttention's out_proj update twice (W + 2 ΔW, huggingface/peft#3774); 0.22.0
+    adds it once, as ours, so in training mode the two agree. PEFT still merges around each call, but
     nn.TransformerEncoderLayer's eval fast path reads the base weights itself, so in eval mode its adapter changes
-    nothing; and its merge adds out_proj's update twice (W + 2 ΔW, huggingface/peft#3774). Ours is W + ΔW in every
-    mode; with out_proj's B at zero it equals PEFT in training mode."""
+    nothing; ours is W + ΔW in every mode."""
     ours = tiny_encoder()
     lora.add_lora(ours, r=4, alpha=8, targets=["self_attn"])
     lora.mark_only_lora_as_trainable(ours)
     perturb(ours)
     x = torch.randn(3, 5, 16)
     base_out = tiny_encoder()(x)
-    doubled = copy.deepcopy(ours)
-    with torch.no_grad():
-        for layer in (doubled.layers[0].self_attn.out_proj, doubled.layers[1].self_attn.out_proj):
-            layer.lora_B.mul_(2)
-    theirs = same_adapters_in_peft(ours, tiny_encoder, ["self_attn"])
-    torch.testing.assert_close(theirs.train()(x), doubled.train()(x), rtol=1e-5, atol=1e-5)  # PEFT: W + 2 ΔW
-    assert (theirs(x) - ours.train()(x)).abs().max() > 0.1
-
-    zero_out_proj_updates(ours)
     theirs = same_adapters_in_peft(ours, tiny_encoder, ["self_attn"])
     train_out = ours.train()(x)
     torch.testing.assert_close(theirs.train()(x), train_out, rtol=1e-5, atol=1e-5)
@@ -716,8 +697,8 @@ def assert_same_tensors(ours, theirs):
 
 @pytest.mark.parametrize("make, targets", [(tiny_cnn, ["0", "2", "5"]), (tiny_encoder, ["self_attn", "linear1"])])
 def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, targets):
-    """The same tensors both ways, and PEFT's outputs where PEFT is right: in training mode (dropout 0), with
-    out_proj's B at zero (see above)."""
+    """The same tensors both ways, and PEFT's outputs where PEFT is right: in training mode (dropout 0; PEFT's
+    eval misses an encoder's attention adapters, see above)."""
     peft = pytest.importorskip("peft")
     x = torch.randn(2, 3, 8, 8) if make is tiny_cnn else torch.randn(3, 5, 16)
     ours = make()
@@ -727,8 +708,6 @@ def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, ta
     lora_peft.save_peft_adapter(ours, tmp_path / "ours")
     in_peft = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
     assert_same_tensors(ours, in_peft)
-    zero_out_proj_updates(ours)
-    zero_out_proj_updates(in_peft)
     assert not torch.allclose(ours(x), make()(x), atol=1e-3)
     torch.testing.assert_close(in_peft.train()(x), ours(x), rtol=1e-5, atol=1e-5)
 
@@ -739,6 +718,4 @@ def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, ta
     assert lora_peft.load_peft_adapter(in_ours, tmp_path / "theirs") == [n for n, _ in lora.lora_layers(ours)]
     assert trainable(in_ours) == trainable(ours)
     assert_same_tensors(in_ours, theirs)
-    zero_out_proj_updates(in_ours)
-    zero_out_proj_updates(theirs)
     torch.testing.assert_close(in_ours(x), theirs.train()(x), rtol=1e-5, atol=1e-5)
