@@ -801,9 +801,9 @@ class LoRAMultiheadAttention(LoRALayer):
         for adapters, rows in parts:
             if len(rows) == 0:
                 continue
-            sub = dict(a)
-            for k in ("query", "key", "value"):
-                sub[k] = a[k].index_select(dim, rows)
+            sub, picked = dict(a), {}
+            for k in ("query", "key", "value"):  # one copy for q, k, v that are one tensor: its packed projection
+                sub[k] = picked.setdefault(id(a[k]), a[k].index_select(dim, rows))
             if a["key_padding_mask"] is not None:
                 sub["key_padding_mask"] = a["key_padding_mask"].index_select(0, rows)
             if a["attn_mask"] is not None and a["attn_mask"].dim() == 3:  # (N · heads, L, S)
