@@ -719,3 +719,89 @@ def test_conv_and_attention_adapters_move_both_ways_with_peft(tmp_path, make, ta
     assert trainable(in_ours) == trainable(ours)
     assert_same_tensors(in_ours, theirs)
     torch.testing.assert_close(in_ours(x), theirs.train()(x), rtol=1e-5, atol=1e-5)
+
+
+# --- named adapters, PEFT's mixed batch, and PEFT's versions -------------------------------------------------------
+
+BODY = ["body.0", "body.3"]
+MIXED = ["b", None, "default", "b", None]
+
+
+def move_every_adapter(model, seed=3):
+    """Move every LoRA tensor of every adapter, ours or PEFT's, as training each would."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+def assert_same_adapters(ours, theirs, x):
+    """Each adapter alone, and a batch mixing them with the base, give the same outputs in ours and in PEFT."""
+    for name in ("default", "b"):
+        lora.set_adapter(ours, name)
+        theirs.set_adapter(name)
+        torch.testing.assert_close(ours(x), theirs(x))
+    with lora.adapter_per_example(ours, MIXED):
+        got = ours(x)
+    torch.testing.assert_close(got, theirs(x, adapter_names=[n or "__base__" for n in MIXED]))
+    assert (got[0] - got[1]).abs().max() > 1e-3  # the rows differ: the adapters count
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # PEFT 0.22's load_adapter says it of its own files
+def test_named_adapters_move_both_ways_with_peft_and_peft_adapter_names_batch_equals_ours(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    make = lambda: copy.deepcopy(base)  # noqa: E731
+    base = Net().double().eval()
+    x = torch.randn(len(MIXED), 12, dtype=torch.float64)
+    ours = make()
+    lora.add_lora(ours, r=4, alpha=8, targets=BODY)
+    lora.add_lora(ours, r=2, alpha=3, targets=BODY, adapter="b")
+    lora.mark_only_lora_as_trainable(ours)
+    move_every_adapter(ours)
+    lora_peft.save_peft_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "b" / "adapter_config.json").read_text())["peft_version"] == "0.22.0"
+    in_peft = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
+    in_peft.load_adapter(tmp_path / "ours" / "b", adapter_name="b")
+    assert_same_adapters(ours, in_peft.eval(), x)
+
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=BODY))
+    theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=BODY))
+    move_every_adapter(theirs, seed=4)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = make()
+    assert lora_peft.load_peft_adapters(in_ours, tmp_path / "theirs") == {"default": BODY, "b": BODY}
+    assert lora.adapter_names(in_ours) == ["default", "b"]
+    assert trainable(in_ours) == {f"{n}.{k}" for n in BODY for k in ("lora_A", "lora_B")}  # the active one, as PEFT
+    assert_same_adapters(in_ours, theirs.eval(), x)
+
+
+@pytest.mark.parametrize("version", [None, "0.21.2", "0.17.0"])
+def test_an_attention_adapter_written_before_peft_0_22_loads_with_the_outputs_its_peft_computed(tmp_path, version):
+    """PEFT before 0.22 added out_proj's update twice; PEFT 0.22 doubles out_proj's B of such a file on load, with
+    a warning, and so do we: the file gives the outputs its own PEFT gave, in both."""
+    peft = pytest.importorskip("peft")
+    ours = tiny_encoder()
+    lora.add_lora(ours, r=4, alpha=8, targets=["self_attn"])
+    lora.mark_only_lora_as_trainable(ours)
+    perturb(ours)
+    lora_peft.save_peft_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_version"] == "0.22.0"
+    if version is None:
+        del config["peft_version"]
+    else:
+        config["peft_version"] = version
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    in_ours = tiny_encoder()
+    with pytest.warns(UserWarning, match=r"added the update of an nn.MultiheadAttention's out_proj twice: its "
+                                         r"lora_B in \['layers.0.self_attn.out_proj', 'layers.1.self_attn.out_proj'\]"):
+        lora_peft.load_peft_adapter(in_ours, tmp_path)
+    for i in (0, 1):
+        assert torch.equal(in_ours.layers[i].self_attn.out_proj.lora_B, 2 * ours.layers[i].self_attn.out_proj.lora_B)
+        assert torch.equal(in_ours.layers[i].self_attn.lora_B, ours.layers[i].self_attn.lora_B)
+    with pytest.warns(UserWarning, match="saved with PEFT < 0.22.0"):
+        in_peft = peft.PeftModel.from_pretrained(tiny_encoder(), tmp_path)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(in_ours.train()(x), in_peft.train()(x), rtol=1e-5, atol=1e-5)  # PEFT: train mode
