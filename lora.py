@@ -11,52 +11,40 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         └──► dropout ──► A ──► B ──► · alpha/r
 
 What it wraps (add_lora's `targets`, by name; targets=None takes every nn.Linear, Conv1D, convolution and
-nn.MultiheadAttention but the output embedding: on a transformer, what PEFT's target_modules="all-linear" takes;
-on a CNN, its convolutions too, which "all-linear" skips; it warns naming the kinds of layer it left out):
-- nn.Linear, and subclasses that keep its forward; one with its own forward (a quantized layer, say) is refused:
-  its output is not F.linear of its .weight, so neither the base term nor a merge would be what it computes.
-- transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
-- nf4.py's LinearNF4 (QLoRA), by class name: the base term is its own output (its 4-bit W dequantized), adapters
-  float32 by default. merge() is refused (folding ΔW into 4 bits would round it again); merge_lora gives an
-  nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
-- nn.Embedding, by name, as PEFT: A (r, num_embeddings), B (dim, r); the looked-up row of (alpha / r) · (B A)ᵀ is
-  added to W's row, and the padding_idx row stays W's. max_norm and sparse are refused; dropout does not apply.
-- nn.Conv1d/2d/3d, as PEFT: A is a convolution like the base's (kernel, stride, padding, dilation) with r output
-  channels, B a 1×1 one: ΔW = scaling · B ∘ A has W's shape. groups > 1 is refused (W cannot hold a dense ΔW).
-- nn.MultiheadAttention, as PEFT: one A (r, E) and B (3E, r) over the packed in_proj_weight, so Wk is adapted
-  with the paper's Wq and Wv (PEFT's layout: adapters move both ways), and out_proj as a LoRALinear. forward runs
-  the module's own with W + ΔW, so every path sees the update. out_proj alone, and kdim/vdim, are refused.
-- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path (and
-  its encoder's nested tensors) off, so the adapter counts in eval too; merge_lora switches it back on.
-- Refused, each saying what to do instead: a weight tied to another module's (merging would change both: untie
-  it, or leave it out), a layer with forward hooks or an instance forward, a weight computed by a parametrization
-  (weight_norm, ...), the model itself when it is a bare layer, and DoRA on anything but nn.Linear. Every check
-  runs before anything changes: a refused call leaves the model as it was.
-- add_lora freezes only the weights it wraps (mark_only_lora_as_trainable freezes the rest; if most parameters still
-  train at the first training forward, it warns once). BatchNorm's running statistics are not in the adapter.
+nn.MultiheadAttention but the output embedding, as PEFT's "all-linear" and the convolutions too, and warns naming the
+kinds it left out). Each kind is a class (LAYERS, the first that accepts a module wraps it) that owns what differs:
+- LoRALinear: nn.Linear and subclasses that keep its forward (one with its own forward, a quantized layer say, is
+  refused: its output is not F.linear of its .weight). LoRAConv1D: transformers' Conv1D (GPT-2), W stored (in, out).
+- LoRALinearNF4: nf4.py's LinearNF4 (QLoRA); the base term is its own output; merge() is refused (ΔW would be
+  rounded to 4 bits), merge_lora gives an nn.Linear holding the dequantized W + ΔW.
+- LoRAEmbedding, as PEFT: A (r, num_embeddings), B (dim, r); the padding row stays W's; max_norm, sparse refused.
+- LoRAConv (nn.Conv1d/2d/3d), as PEFT: A a convolution like the base's with r channels, B a 1×1 one; groups > 1
+  refused (W cannot hold a dense ΔW).
+- LoRAMultiheadAttention, as PEFT: A (r, E), B (3E, r) over the packed in_proj_weight, and out_proj a LoRALinear;
+  forward runs the module's own with W + ΔW, so every path sees the update. out_proj alone, kdim/vdim refused.
+- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path off
+  (and its encoder's nested tensors); merge_lora switches it back on.
+- Refused, each saying what to do instead: a tied weight, forward hooks or an instance forward, a parametrized
+  weight, the model itself, DoRA on anything but nn.Linear. Every check runs before anything changes.
 
 Guarantees:
-- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear, PEFT and loralib
-  do ("gaussian": N(0, std=1/r), as PEFT's); B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So training starts
-  at the base model: bit for bit on a CPU in float32; on a GPU forward's fused addmm may pick another GEMM kernel
-  than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
-- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the update's size roughly
-  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to r
-  (scaling 1; PEFT's default is 8). use_rslora=True scales by alpha / sqrt(r) (Kalajdzievski, 2023, arXiv:2312.03732).
-- Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
-  Adam updates are not rounded away; forward adds the update to the base's output in float32 and rounds
-  once into the base's dtype, and merging forms W + ΔW in float32 and rounds once into W's dtype.
-- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m (out,),
-  initialised to W's row norms, sets the length of each output row of the adapted weight; the norm is a constant
-  in backward (paper, section 4.3), as in PEFT:   h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b
-- The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
-  tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
-  `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
-- merge() folds the update into W in place; unmerge() takes it out again, up to rounding (see merge). A merged
-  layer refuses to train rather than silently train nothing. merge_lora gives back the original module types.
-- lora_state_dict holds every tensor that trained plus the settings to rebuild the wrapping, tensors only
-  (torch.load(weights_only=True) and safetensors both carry it); load_lora_state_dict wraps a fresh model itself.
-  Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
+- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) as nn.Linear, PEFT and loralib ("gaussian": N(0, 1/r)); B = 0
+  (Embedding, as PEFT: A = 0, B ~ N(0, 1)). Training starts at the base model, bit for bit on a CPU in float32.
+- Scaling: alpha / r (alpha defaults to r; PEFT's default is 8): with alpha fixed, one learning rate serves every
+  rank under Adam (paper, section 4.1). use_rslora=True: alpha / sqrt(r) (arXiv:2312.03732).
+- Precision: on a float16/bfloat16 base, A and B are float32 by default, as in PEFT; the update is added in
+  float32 and rounded once into the base's dtype, and so is a merge.
+- DoRA (arXiv:2402.09353), use_dora=True, nn.Linear only: h = m ⊙ (W + s B A) x / ‖W + s B A‖ + b, m trainable
+  (out,), the norm a constant in backward (section 4.3), as PEFT.
+- Names: `<path>.weight` and `<path>.bias` stay the base's own tensors, so a checkpoint saved before add_lora loads
+  after it; the first adapter ("default") adds `<path>.lora_A`, `<path>.lora_B` (DoRA: `<path>.lora_magnitude`).
+- Several adapters, PEFT's vocabulary: add_lora(..., adapter="b") adds one beside the others, inactive and frozen;
+  set_adapter(model, "b") or a list (their updates summed) picks what runs and trains; delete_adapter; state dicts
+  and merge_lora per adapter. adapter_per_example(model, names) runs a batch in which example i uses adapter
+  names[i] (None: the base), in one pass where the adapters' ranks are small, in sub-batches beyond.
+- merge() folds the update into W in place, unmerge() takes it out up to rounding; merge_lora gives back the
+  original module types. lora_state_dict holds tensors only (torch.load(weights_only=True), safetensors);
+  load_lora_state_dict wraps a fresh model itself. PEFT's files: lora_peft.py beside this file.
 
     import lora
     lora.add_lora(model, r=8, targets=["query", "value"])       # use_dora=True for DoRA
@@ -182,8 +170,9 @@ class _Adapter(nn.Module):
 
 class LoRALayer(nn.Module):
     """What every LoRA layer shares: its adapters (settings, A, B), merging, the mixed batch and the state dict.
-    A subclass owns one kind of layer: which module it accepts and why it refuses one, the adapter shapes, the
-    base term, the update and what merge_lora gives back. See LoRALinear for the Args."""
+    A subclass owns one kind of layer: which module it `accepts` and why it refuses one (`check`), the adapter
+    `shapes`, the base term `_base(x)`, one adapter's update `_delta(x, adapter)` (scaling · B A dropout(x)) and
+    what merge_lora gives back (`merged_module`). See LoRALinear for the Args."""
 
     torch_bases: tuple = ()  # the torch classes it wraps (and subclasses of them that keep their forward)
     kind = None  # a short name for reprs and messages
@@ -405,16 +394,10 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active adapters' update into W in place, so forward is the base layer's; no copy of W is kept.
-        A no-op if merged.
-
-        Rounding: W + ΔW (DoRA: scaled per row) is formed in float32 and rounded once to W's dtype, and
-        unmerge() rounds once more on the way back. So unmerge() returns W only to within, per element,
-            u·|W| + (u + k·2^-24)·|W + ΔW|     (+ 2^-24 in float16, near zero where it is subnormal)
-        u the unit roundoff of W's dtype (2^-24 float32, 2^-11 float16, 2^-8 bfloat16), k = 1 for LoRA and 3
-        for DoRA (float32 roundings of its row scale). disable_lora stays exact on unmerged layers; merged ones
-        it unmerges and merges again.
-        """
+        """Fold the active adapters' update into W in place (no copy of W kept); a no-op if merged. W + ΔW is formed
+        in float32 and rounded once to W's dtype, and unmerge() rounds once more: it returns W to within, per element,
+        u·|W| + (u + k·2^-24)·|W + ΔW| (+ 2^-24 in float16 near zero), u the unit roundoff of W's dtype, k = 1 for
+        LoRA and 3 for DoRA (float32 roundings of its row scale)."""
         if self.merged:
             return
         adapters = self._active()
@@ -438,13 +421,6 @@ class LoRALayer(nn.Module):
         self.merged_norm, self.merged, self.merged_adapters = None, False, ()
 
     # -- the forward: the base term plus each adapter's update --
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """scaling · B A dropout(x) of one adapter, in its dtype, shaped as the base term."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = base(x) + Σ over the active adapters of scaling · B A dropout(x)."""
@@ -969,16 +945,8 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
         names = _select(model, targets, "target")
         for n in names:
             check_target(model, n, config.use_dora, adapter, why=" (matched by targets)", owners=owners)
-    known = adapter_names(model)
-    active = next(iter(layers.values())).active if layers else (adapter,)
     for n in names:  # all checks passed: now change the model
-        layer = wrap(model, n, config, adapter)
-        if known and adapter not in known:  # a later adapter: beside the others, inactive and frozen (as PEFT)
-            for part in (layer, getattr(layer, "out_proj", None)):
-                if isinstance(part, LoRALayer):
-                    part.active = active
-                    for p in part.adapter_tensors(adapter).values():
-                        p.requires_grad_(False)
+        wrap(model, n, config, adapter)
     if _warn_if_mostly_trainable not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_warn_if_mostly_trainable)
     return names
@@ -999,12 +967,20 @@ def _warn_if_mostly_trainable(model: nn.Module, args) -> None:
 
 def wrap(model: nn.Module, name: str, config: LoRAConfig, adapter: str = DEFAULT) -> LoRALayer:
     """Wrap module `name` (its exact qualified name) with adapter `adapter`, or add that adapter to the LoRA layer
-    there; returns the layer. It checks only what the layer checks: call check_target first (add_lora does)."""
-    module = model.get_submodule(name)
+    there; returns the layer. The model's first adapter is active and trains; a later one is added inactive and
+    frozen (as PEFT's add_adapter). It checks only what the layer checks: call check_target first (add_lora does)."""
+    module, others = model.get_submodule(name), [a for a in adapter_names(model) if a != adapter]
     if isinstance(module, LoRALayer):
         module.add_adapter(adapter, config)
-        return module
-    layer = layer_class(module)(module, config=config, adapter=adapter)
+        layer = module
+    else:
+        layer = layer_class(module)(module, config=config, adapter=adapter)
+    for part in [m for m in layer.modules() if isinstance(m, LoRALayer)] if others else []:
+        part.active = next(lora_layers(model))[1].active
+        for p in part.adapter_tensors(adapter).values():
+            p.requires_grad_(False)
+    if layer is module:
+        return layer
     parent = model.get_submodule(name.rpartition(".")[0])
     if isinstance(parent, nn.TransformerEncoderLayer):  # its eval fast path would read W directly, skipping us
         _switch_off(parent, "activation_relu_or_gelu", 0)  # the slow path uses parent.activation: same function
@@ -1225,14 +1201,13 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     """Load what lora_state_dict saved as adapter `adapter`; returns the LoRA layers' names.
 
     Into a model without that adapter, it wraps the saved layers itself (or adds the adapter to LoRA layers) with
-    their saved settings; the model's first adapter is active and trains, a later one is inactive and frozen
-    (set_adapter). Into a model with it, its layers must be the saved ones. Keys, then shapes, then settings are
-    checked before anything changes; a mismatch raises, saying which and how to fix it. Files from older lora.py
-    versions (no `lora_dropout`) load into a model wrapped by hand with the same add_lora call.
+    their saved settings, as add_lora would (a later adapter is inactive and frozen). Into a model with it, its
+    layers must be the saved ones. Keys, then shapes, then settings are checked before anything changes; a mismatch
+    raises, saying which and how to fix it. Files from older lora.py versions (no `lora_dropout`) load into a
+    model wrapped by hand with the same add_lora call.
     """
     _check_adapter_name(adapter)
-    saved = _saved_layers(state_dict)
-    had_lora = bool(adapter_names(model))
+    saved, first = _saved_layers(state_dict), not adapter_names(model)
     own = {n: layer for n, layer in lora_layers(model) if adapter in layer.configs}
     modules = dict(model.named_modules())
     if not saved:
@@ -1266,27 +1241,22 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}; load it into the "
                        "model it was trained on")
     for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
+        m = own.get(path, modules[path])
         r = own[path].configs[adapter].r if own else got["lora_A"].shape[0]
-        if own:
-            want = {k: tuple(t.shape) for k, t in own[path].adapter_tensors(adapter).items()}
-        else:
-            module = modules[path]
-            kind = type(module) if isinstance(module, LoRALayer) else layer_class(module)
-            want = dict(zip(("lora_A", "lora_B"), kind.shapes(module, r)))
+        kind = type(m) if isinstance(m, LoRALayer) else layer_class(m)
+        want = dict(zip(("lora_A", "lora_B"), kind.shapes(m, r)))
         want["lora_magnitude"] = want["lora_B"][:1]
-        for k in ADAPTER_NAMES:
-            if k in got and tuple(got[k].shape) != tuple(want[k]):
-                raise ValueError(f"layer {path!r}: the adapter's {k} has shape {tuple(got[k].shape)}, but this "
-                                 f"layer at r={r} needs {want[k]} (the adapter has r="
-                                 f"{got['lora_A'].shape[0]}: add_lora with that r, or load into a model without LoRA)")
-    for k, v in others.items():
-        if v.shape != params[k].shape:
-            raise ValueError(f"shape mismatch for {k!r}: state_dict has {tuple(v.shape)}, "
-                             f"model has {tuple(params[k].shape)}")
+        if bad := [k for k in ADAPTER_NAMES if k in got and tuple(got[k].shape) != tuple(want[k])]:
+            raise ValueError(f"layer {path!r}: the adapter's {bad[0]} has shape {tuple(got[bad[0]].shape)}, but this "
+                             f"layer at r={r} needs {want[bad[0]]} (the adapter has r={got['lora_A'].shape[0]}: "
+                             "add_lora with that r, or load into a model without LoRA)")
+    if bad := [k for k, v in others.items() if v.shape != params[k].shape]:
+        raise ValueError(f"shape mismatch for {bad[0]!r}: state_dict has {tuple(others[bad[0]].shape)}, "
+                         f"model has {tuple(params[bad[0]].shape)}")
     for path, layer in own.items():  # then settings
         got, c = _layer_settings(saved[path]), layer.configs[adapter]
-        have = dict(r=c.r, alpha=c.alpha, use_rslora=c.use_rslora, use_dora=c.use_dora,
-                    adapter_dtype=layer.adapter_tensors(adapter)["lora_A"].dtype, dropout=c.dropout)
+        have = dict(dataclasses.asdict(c), use_dora=c.use_dora, adapter_dtype=layer.adapter_tensors(adapter)[
+            "lora_A"].dtype)
         if diff := {k: (got[k], have[k]) for k in got if got[k] is not None and got[k] != have[k]}:
             raise ValueError(f"layer {path!r}: the adapter was saved with {({k: v[0] for k, v in diff.items()})}, "
                              f"this layer has {({k: v[1] for k, v in diff.items()})}: call add_lora with the "
@@ -1295,18 +1265,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
 
     if not own:  # all checks passed: now change the model, and let train what trained
-        active = next(lora_layers(model))[1].active if had_lora else (adapter,)
         for path in (n for n in modules if n in tops):
             wrap(model, path, configs[path], adapter)
         own = {n: layer for n, layer in lora_layers(model) if adapter in layer.configs}
-        if not had_lora:
-            for n, p in model.named_parameters():
-                p.requires_grad_(n.rpartition(".")[2] in ADAPTER_NAMES or n in others)
-        else:  # a later adapter: beside the others, inactive and frozen (as PEFT's load_adapter)
-            for layer in own.values():
-                layer.active = active
-                for p in layer.adapter_tensors(adapter).values():
-                    p.requires_grad_(False)
+        for n, p in model.named_parameters() if first else ():
+            p.requires_grad_(n.rpartition(".")[2] in ADAPTER_NAMES or n in others)
     for path, got in saved.items():
         for k, t in own[path].adapter_tensors(adapter).items():
             t.copy_(got[k])
