@@ -74,8 +74,8 @@ INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRA layer
 SETTINGS = ("lora_alpha", "lora_use_rslora", "lora_dropout")  # per-layer settings saved beside them
-DEFAULT = "default"  # the first adapter's name: its tensors are <path>.lora_A, ...; another's <path>.lora_adapters.<name>.lora_A
-STACK_MAX_RANK = 128  # a mixed batch stacks its adapters' A and B into one product while their ranks sum to at most this
+DEFAULT = "default"  # its tensors are <path>.lora_A, ...; another adapter's <path>.lora_adapters.<name>.lora_A
+STACK_MAX_RANK = 128  # a mixed batch stacks its adapters' A (and B) into one product while their ranks sum to <= this
 SUPPORTED = ("lora.py wraps nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention: "
              "target those (print(model) shows them)")
 
@@ -490,7 +490,8 @@ class LoRALayer(nn.Module):
         c = self.config
         dtype = self.adapter_tensors(self._active()[0] if self._active() else next(iter(self.configs)))["lora_A"].dtype
         dtype = "" if dtype == self.weight.dtype else f"adapter_dtype={dtype}, "
-        names = "" if list(self.configs) == [DEFAULT] else f"adapters={list(self.configs)}, active={list(self.active)}, "
+        names = f"adapters={list(self.configs)}, active={list(self.active)}, " if list(self.configs) != [DEFAULT] \
+            else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={c.r}, "
                 f"alpha={c.alpha:g}, scaling={c.scaling:g}, dropout={c.dropout:g}, {dtype}{names}"
                 f"{'use_dora=True, ' if c.use_dora else ''}merged={self.merged}")
@@ -590,9 +591,12 @@ class LoRALinear(LoRALayer):
             start += c.r
         mask = mask.view([x.shape[dim] if i == dim else 1 for i in range(x.dim() - 1)] + [A.shape[0]])
         x_drop = F.dropout(x, configs[0].dropout, self.training) if configs[0].dropout > 0 else x
-        u = F.linear(x_drop.to(A.dtype), A) * mask  # (..., in) @ (in, K·r) -> (..., K·r), other adapters' zeroed
-        h = self._base(x)
-        return (h + F.linear(u, B)).to(h.dtype)  # (..., K·r) @ (K·r, out) -> (..., out)
+        u = F.linear(x_drop.to(A.dtype), A).mul_(mask)  # (..., in) @ (in, K·r) -> (..., K·r), others' columns zeroed
+        if A.dtype != x.dtype or type(self) is not LoRALinear:
+            h = self._base(x)
+            return (h + F.linear(u, B)).to(h.dtype)  # (..., K·r) @ (K·r, out) -> (..., out)
+        v = F.linear(u.reshape(-1, A.shape[0]), B, self.bias)  # (N, K·r) @ (K·r, out) + b, as forward's one adapter
+        return torch.addmm(v, x.reshape(-1, self.in_features), self.weight.t()).view(*x.shape[:-1], self.out_features)
 
 
 class LoRAConv1D(LoRALinear):
@@ -758,40 +762,34 @@ class LoRAMultiheadAttention(LoRALayer):
         self.out_proj._check_not_training_merged()
         if self.per_example is None or self.merged or not self.enabled:
             return self._run(self._active(), args, kwargs)
-        call = inspect.signature(nn.MultiheadAttention.forward).bind(self, *args, **kwargs)
-        call.apply_defaults()
-        a = dict(call.arguments)
-        del a["self"]
-        if a["query"].dim() != 3:
-            raise ValueError("adapter_per_example needs a batched input to nn.MultiheadAttention (3-D query)")
-        dim = 0 if self.batch_first else 1
-        _, n, groups = self.per_example
-        if a["query"].shape[dim] != n:
-            raise ValueError(f"adapter_per_example was given {n} names, but this attention's batch has "
-                             f"{a['query'].shape[dim]} examples")
+        a = inspect.signature(nn.MultiheadAttention.forward).bind(self, *args, **kwargs)
+        a.apply_defaults()
+        a = {k: v for k, v in a.arguments.items() if k != "self"}
+        dim, (_, n, groups) = (0 if self.batch_first else 1), self.per_example
+        if a["query"].dim() != 3 or a["query"].shape[dim] != n:
+            raise ValueError(f"adapter_per_example was given {n} names, but this attention's query has shape "
+                             f"{tuple(a['query'].shape)} (batch_first={self.batch_first}): a batch of {n} is needed")
         rest = torch.ones(n, dtype=torch.bool, device=a["query"].device)
         for rows in groups.values():
             rest[rows] = False
         parts = [((ad,), rows) for ad, rows in groups.items()] + [((), rest.nonzero().flatten())]
-        outs, weights, order = [], [], []
-        for adapters, rows in parts:
-            if len(rows) == 0:
-                continue
+        outs, order = [], []
+        for adapters, rows in (p for p in parts if len(p[1])):  # each adapter's examples, then the base's
             sub, picked = dict(a), {}
-            for k in ("query", "key", "value"):  # one copy for q, k, v that are one tensor: its packed projection
-                sub[k] = picked.setdefault(id(a[k]), a[k].index_select(dim, rows))
+            for k in ("query", "key", "value"):  # q, k, v that are one tensor stay one: its packed projection
+                if id(a[k]) not in picked:
+                    picked[id(a[k])] = a[k].index_select(dim, rows)
+                sub[k] = picked[id(a[k])]
             if a["key_padding_mask"] is not None:
                 sub["key_padding_mask"] = a["key_padding_mask"].index_select(0, rows)
             if a["attn_mask"] is not None and a["attn_mask"].dim() == 3:  # (N · heads, L, S)
-                m = a["attn_mask"].view(n, -1, *a["attn_mask"].shape[1:])
-                sub["attn_mask"] = m.index_select(0, rows).flatten(0, 1)
-            out, w = self._run(adapters, (), sub)
-            outs.append(out)
-            weights.append(w)
+                sub["attn_mask"] = a["attn_mask"].view(n, -1, *a["attn_mask"].shape[1:]).index_select(0, rows) \
+                    .flatten(0, 1)
+            outs.append(self._run(adapters, (), sub))
             order.append(rows)
         back = torch.argsort(torch.cat(order))  # the rows of the concatenated sub-batches, back in batch order
-        out = torch.cat(outs, dim).index_select(dim, back)
-        return out, None if weights[0] is None else torch.cat(weights).index_select(0, back)
+        out = torch.cat([o for o, _ in outs], dim).index_select(dim, back)
+        return out, None if outs[0][1] is None else torch.cat([w for _, w in outs]).index_select(0, back)
 
 
 LAYERS = (LoRALinearNF4, LoRAConv1D, LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention)  # first match wins

@@ -334,13 +334,8 @@ def _load_peft(model: nn.Module, folder: Path, adapter: str, check_alone: bool) 
     state = model.state_dict()
     with torch.no_grad():
         for n in names:  # half-precision adapters become float32 ones on a float32 base, as on a half one
-            if not _attention_part(model, n):  # an out_proj is wrapped with its attention
-                active = next(lora.lora_layers(model))[1].active if not first else None
-                layer = lora.wrap(model, n, settings[n], adapter)
-                if active is not None:
-                    for part in (layer, getattr(layer, "out_proj", None)):
-                        if isinstance(part, lora.LoRALayer):
-                            part.active = active
+            if not _attention_part(model, n):  # an out_proj is wrapped with its attention; a later adapter frozen
+                lora.wrap(model, n, settings[n], adapter)
         for n in names:
             for p, t in adapters[n].items():
                 layer = model.get_submodule(n)
@@ -351,10 +346,6 @@ def _load_peft(model: nn.Module, folder: Path, adapter: str, check_alone: bool) 
         lora.mark_only_lora_as_trainable(model, bias=config.get("bias", "none"))
         for m in to_save:
             modules[m].requires_grad_(True)
-    else:
-        for n in names:
-            for p in model.get_submodule(n).adapter_tensors(adapter).values():
-                p.requires_grad_(False)
     return names
 
 

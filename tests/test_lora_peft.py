@@ -572,7 +572,7 @@ def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_t
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Use `lora.py`")[1].split("\n## ")[0]
     blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     scope = {}
     for block in blocks:
@@ -587,6 +587,9 @@ def test_the_readme_use_lora_section_runs_as_written_and_its_saved_model_gives_t
     assert sum(isinstance(m, lora.LoRAConv) for m in scope["resnet"].modules()) == 20
     assert [n for n, _ in lora.lora_layers(scope["encoder"])] == [
         f"layers.{i}.self_attn{p}" for i in (0, 1) for p in ("", ".out_proj")]
+    multi = scope["multi"]
+    assert lora.adapter_names(multi) == ["sst2", "rte"] and scope["logits"].shape == (4, 2)
+    assert (tmp_path / "rte.pt").exists()
 
 
 # --- convolutions and PyTorch's attention, against PEFT --------------------------------------------------------
