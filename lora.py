@@ -11,52 +11,40 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         └──► dropout ──► A ──► B ──► · alpha/r
 
 What it wraps (add_lora's `targets`, by name; targets=None takes every nn.Linear, Conv1D, convolution and
-nn.MultiheadAttention but the output embedding: on a transformer, what PEFT's target_modules="all-linear" takes;
-on a CNN, its convolutions too, which "all-linear" skips; it warns naming the kinds of layer it left out):
-- nn.Linear, and subclasses that keep its forward; one with its own forward (a quantized layer, say) is refused:
-  its output is not F.linear of its .weight, so neither the base term nor a merge would be what it computes.
-- transformers' Conv1D (GPT-2), recognised by class name without importing transformers; its W is (in, out).
-- nf4.py's LinearNF4 (QLoRA), by class name: the base term is its own output (its 4-bit W dequantized), adapters
-  float32 by default. merge() is refused (folding ΔW into 4 bits would round it again); merge_lora gives an
-  nn.Linear holding the dequantized W + ΔW, the weights the adapter was trained against.
-- nn.Embedding, by name, as PEFT: A (r, num_embeddings), B (dim, r); the looked-up row of (alpha / r) · (B A)ᵀ is
-  added to W's row, and the padding_idx row stays W's. max_norm and sparse are refused; dropout does not apply.
-- nn.Conv1d/2d/3d, as PEFT: A is a convolution like the base's (kernel, stride, padding, dilation) with r output
-  channels, B a 1×1 one: ΔW = scaling · B ∘ A has W's shape. groups > 1 is refused (W cannot hold a dense ΔW).
-- nn.MultiheadAttention, as PEFT: one A (r, E) and B (3E, r) over the packed in_proj_weight, so Wk is adapted
-  with the paper's Wq and Wv (PEFT's layout: adapters move both ways), and out_proj as a LoRALinear. forward runs
-  the module's own with W + ΔW, so every path sees the update. out_proj alone, and kdim/vdim, are refused.
-- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path (and
-  its encoder's nested tensors) off, so the adapter counts in eval too; merge_lora switches it back on.
-- Refused, each saying what to do instead: a weight tied to another module's (merging would change both: untie
-  it, or leave it out), a layer with forward hooks or an instance forward, a weight computed by a parametrization
-  (weight_norm, ...), the model itself when it is a bare layer, and DoRA on anything but nn.Linear. Every check
-  runs before anything changes: a refused call leaves the model as it was.
-- add_lora freezes only the weights it wraps (mark_only_lora_as_trainable freezes the rest; if most parameters still
-  train at the first training forward, it warns once). BatchNorm's running statistics are not in the adapter.
+nn.MultiheadAttention but the output embedding, as PEFT's "all-linear" and the convolutions too, and warns naming the
+kinds it left out). Each kind is a class (LAYERS, the first that accepts a module wraps it) that owns what differs:
+- LoRALinear: nn.Linear and subclasses that keep its forward (one with its own forward, a quantized layer say, is
+  refused: its output is not F.linear of its .weight). LoRAConv1D: transformers' Conv1D (GPT-2), W stored (in, out).
+- LoRALinearNF4: nf4.py's LinearNF4 (QLoRA); the base term is its own output; merge() is refused (ΔW would be
+  rounded to 4 bits), merge_lora gives an nn.Linear holding the dequantized W + ΔW.
+- LoRAEmbedding, as PEFT: A (r, num_embeddings), B (dim, r); the padding row stays W's; max_norm, sparse refused.
+- LoRAConv (nn.Conv1d/2d/3d), as PEFT: A a convolution like the base's with r channels, B a 1×1 one; groups > 1
+  refused (W cannot hold a dense ΔW).
+- LoRAMultiheadAttention, as PEFT: A (r, E), B (3E, r) over the packed in_proj_weight, and out_proj a LoRALinear;
+  forward runs the module's own with W + ΔW, so every path sees the update. out_proj alone, kdim/vdim refused.
+- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path off
+  (and its encoder's nested tensors); merge_lora switches it back on.
+- Refused, each saying what to do instead: a tied weight, forward hooks or an instance forward, a parametrized
+  weight, the model itself, DoRA on anything but nn.Linear. Every check runs before anything changes.
 
 Guarantees:
-- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear, PEFT and loralib
-  do ("gaussian": N(0, std=1/r), as PEFT's); B = 0 (Embedding, as PEFT: A = 0, B ~ N(0, 1)). So training starts
-  at the base model: bit for bit on a CPU in float32; on a GPU forward's fused addmm may pick another GEMM kernel
-  than nn.Linear does (7e-7 at most for a 384 -> 384 layer on an H100).
-- Scaling: alpha / r. With alpha held fixed while r varies, dividing by r keeps the update's size roughly
-  independent of r under Adam, so one learning rate serves every rank (paper, section 4.1). alpha defaults to r
-  (scaling 1; PEFT's default is 8). use_rslora=True scales by alpha / sqrt(r) (Kalajdzievski, 2023, arXiv:2312.03732).
-- Precision: on a float16/bfloat16 base, A, B (and DoRA's m) are float32 by default, as in PEFT, so that small
-  Adam updates are not rounded away; forward adds the update to the base's output in float32 and rounds
-  once into the base's dtype, and merging forms W + ΔW in float32 and rounds once into W's dtype.
-- DoRA (Liu et al., 2024, arXiv:2402.09353), use_dora=True, nn.Linear only: a trainable magnitude m (out,),
-  initialised to W's row norms, sets the length of each output row of the adapted weight; the norm is a constant
-  in backward (paper, section 4.3), as in PEFT:   h = m ⊙ (W + scaling · B A) x / ‖W + scaling · B A‖ + b
-- The wrapped layer keeps the base's parameter names: `<path>.weight` and `<path>.bias` are the base's own
-  tensors (not copies), so a checkpoint saved before add_lora loads after it; the adapter adds
-  `<path>.lora_A` and `<path>.lora_B` (and `<path>.lora_magnitude` for DoRA).
-- merge() folds the update into W in place; unmerge() takes it out again, up to rounding (see merge). A merged
-  layer refuses to train rather than silently train nothing. merge_lora gives back the original module types.
-- lora_state_dict holds every tensor that trained plus the settings to rebuild the wrapping, tensors only
-  (torch.load(weights_only=True) and safetensors both carry it); load_lora_state_dict wraps a fresh model itself.
-  Hugging Face PEFT's adapter files: lora_peft.py beside this file (optional; it needs safetensors).
+- Initialisation: A ~ kaiming_uniform(a=sqrt(5)) as nn.Linear, PEFT and loralib ("gaussian": N(0, 1/r)); B = 0
+  (Embedding, as PEFT: A = 0, B ~ N(0, 1)). Training starts at the base model, bit for bit on a CPU in float32.
+- Scaling: alpha / r (alpha defaults to r; PEFT's default is 8): with alpha fixed, one learning rate serves every
+  rank under Adam (paper, section 4.1). use_rslora=True: alpha / sqrt(r) (arXiv:2312.03732).
+- Precision: on a float16/bfloat16 base, A and B are float32 by default, as in PEFT; the update is added in
+  float32 and rounded once into the base's dtype, and so is a merge.
+- DoRA (arXiv:2402.09353), use_dora=True, nn.Linear only: h = m ⊙ (W + s B A) x / ‖W + s B A‖ + b, m trainable
+  (out,), the norm a constant in backward (section 4.3), as PEFT.
+- Names: `<path>.weight` and `<path>.bias` stay the base's own tensors, so a checkpoint saved before add_lora loads
+  after it; the first adapter ("default") adds `<path>.lora_A`, `<path>.lora_B` (DoRA: `<path>.lora_magnitude`).
+- Several adapters, PEFT's vocabulary: add_lora(..., adapter="b") adds one beside the others, inactive and frozen;
+  set_adapter(model, "b") or a list (their updates summed) picks what runs and trains; delete_adapter; state dicts
+  and merge_lora per adapter. adapter_per_example(model, names) runs a batch in which example i uses adapter
+  names[i] (None: the base), in one pass where the adapters' ranks are small, in sub-batches beyond.
+- merge() folds the update into W in place, unmerge() takes it out up to rounding; merge_lora gives back the
+  original module types. lora_state_dict holds tensors only (torch.load(weights_only=True), safetensors);
+  load_lora_state_dict wraps a fresh model itself. PEFT's files: lora_peft.py beside this file.
 
     import lora
     lora.add_lora(model, r=8, targets=["query", "value"])       # use_dora=True for DoRA
@@ -69,7 +57,9 @@ Guarantees:
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
+import inspect
 import math
 import numbers
 import sys
@@ -84,69 +74,68 @@ INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude")  # the trainable tensors of a LoRA layer
 SETTINGS = ("lora_alpha", "lora_use_rslora", "lora_dropout")  # per-layer settings saved beside them
+DEFAULT = "default"  # its tensors are <path>.lora_A, ...; another adapter's <path>.lora_adapters.<name>.lora_A
+STACK_MAX_RANK = 128  # a mixed batch stacks its adapters' A (and B) into one product while their ranks sum to <= this
 SUPPORTED = ("lora.py wraps nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention: "
              "target those (print(model) shows them)")
 
 
-# ─── the layer ────────────────────────────────────────────────────────────────────────────────────────────────
+# ─── the settings ─────────────────────────────────────────────────────────────────────────────────────────────
 
-def _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype=None) -> None:
-    """Raise before anything is built, naming the value given and what is accepted."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                              or not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError(f"alpha must be a positive finite number or None (meaning alpha = r), got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag} must be True or False, got {value!r}")
-    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
-        raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """The settings of one adapter, checked once here; see LoRALinear's Args. alpha None becomes r."""
+    r: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+    adapter_dtype: torch.dtype | None = None
 
+    def __post_init__(self):
+        r, alpha, dropout = self.r, self.alpha, self.dropout
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise ValueError(f"alpha must be a positive finite number or None (meaning alpha = r), got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.adapter_dtype is not None and not (isinstance(self.adapter_dtype, torch.dtype)
+                                                   and self.adapter_dtype.is_floating_point):
+            raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {self.adapter_dtype!r}")
+        object.__setattr__(self, "r", int(r))
+        object.__setattr__(self, "alpha", float(r if alpha is None else alpha))
+        object.__setattr__(self, "dropout", float(dropout))
 
-TORCH_BASES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
-
-
-def _kind(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' Conv1D, W stored (in, out)), "embedding", "conv" (nn.Conv1d/2d/3d),
-    "mha" (nn.MultiheadAttention), "nf4" (nf4.py's LinearNF4: its weight is an NF4Weight module with .dequantize(),
-    .linear(x, b), .shape, .dtype), or None if not wrappable."""
-    if type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "linear", None)):
-        return "nf4"
-    for cls, kind in zip(TORCH_BASES, ("linear", "embedding", "conv", "conv", "conv", "mha")):
-        if isinstance(module, cls):
-            return kind
-    conv1d = type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
-        module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None))
-    return "conv1d" if conv1d else None
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The weight W that the adapter updates: an nn.MultiheadAttention's is its packed in_proj_weight (3E, E)."""
-    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
-    """The shapes of A and B, as PEFT stores them: (r, in) and (out, r); a convolution's A has the base's kernel,
-    (r, in, *kernel), and its B is 1×1, (out, r, 1, ...)."""
-    w = _weight(module)
-    out, *rest = w.shape[::-1] if _kind(module) in ("conv1d", "embedding") else w.shape  # W stored (in, out)
-    return (r, *rest), (out, r, *[1] * (len(rest) - 1))
+def _check_adapter_name(adapter) -> None:
+    if not isinstance(adapter, str) or not adapter.isidentifier():
+        raise ValueError(f"adapter must be a name that is a Python identifier (it becomes part of parameter names), "
+                         f"got {adapter!r}")
 
 
-def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
+# ─── the layers ───────────────────────────────────────────────────────────────────────────────────────────────
+
+def check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> None:
     """Raise unless lora.py can wrap `base` exactly: the module, its class and what is supported."""
     if isinstance(base, LoRALayer):
         raise ValueError(f"{name} already carries LoRA; wrapping it again would stack a second adapter (was add_lora "
                          "run twice, e.g. by re-running a notebook cell?): start from a fresh model, or merge_lora it")
-    kind, cls = _kind(base), type(base).__name__
+    kind, cls = layer_class(base), type(base).__name__
     if kind is None:
         raise TypeError(f"{name} is a {cls}; {SUPPORTED}")
-    own = next((c for c in type(base).__mro__ if c in TORCH_BASES), None)
+    own = next((c for c in type(base).__mro__ if c in kind.torch_bases), None)
     if own is not None and type(base).forward is not own.forward:
         raise TypeError(f"{name} is a {cls}, a subclass of nn.{own.__name__} with its own forward (a quantized "
                         f"layer, say): its output is not what lora.py computes from its .weight, and merging into "
@@ -160,120 +149,201 @@ def _check_base(base: nn.Module, name: str = "base", use_dora: bool = False) -> 
     if torch.nn.utils.parametrize.is_parametrized(base):
         raise TypeError(f"{name} is a {cls} whose weight is computed by a parametrization (weight_norm, "
                         f"spectral_norm, ...): merging into it is not defined; {SUPPORTED} with a plain weight")
-    if kind == "embedding" and (base.max_norm is not None or base.sparse):
-        raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
-                        "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
-                        "lora.py wraps embeddings without them: leave it out of targets")
-    if kind == "conv" and base.groups > 1:
-        raise TypeError(f"{name} is a {cls} with groups={base.groups}: B ∘ A is a dense (out, in, *kernel) update that "
-                        f"its grouped weight (out, in / {base.groups}, *kernel) cannot hold, so it could not merge; "
-                        "leave it out of targets and adapt the ungrouped convolutions beside it (the 1×1 ones)")
-    if kind == "mha" and not base._qkv_same_embed_dim:
-        raise TypeError(f"{name} is an nn.MultiheadAttention with kdim or vdim unlike embed_dim, so q, k and v have "
-                        "separate weights; lora.py (as PEFT) adapts the packed in_proj_weight: leave it out of targets")
-    if kind == "mha":
-        _check_base(base.out_proj, f"{name}'s out_proj")
-    if use_dora and kind != "linear":
-        raise TypeError(f"{name} is a {cls}: use_dora=True wraps nn.Linear only (its row norms are those of a matrix "
-                        "W); add this layer in a second add_lora call with use_dora=False, or leave it out of targets")
-    if use_dora and not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
+    kind.check(base, name)
+    if use_dora:
+        _check_dora(kind, base, name)
+
+
+def _check_dora(kind: type, base: nn.Module, name: str) -> None:
+    if not kind.dora:
+        raise TypeError(f"{name} is a {type(base).__name__}: use_dora=True wraps nn.Linear only (its row norms are "
+                        "those of a matrix W); add this layer in a second add_lora call with use_dora=False, or leave "
+                        "it out of targets")
+    if not base.weight.is_meta and (zero := (base.weight == 0).all(dim=1)).any():
         raise ValueError(f"{name} has all-zero rows {zero.nonzero().flatten()[:10].tolist()} in its weight; DoRA "
                          "divides each row by its norm: wrap this layer with use_dora=False, or leave it out")
 
 
-class LoRALayer(nn.Module):
-    """What every LoRA layer shares: settings, A and B, merging, and the state dict. See LoRALinear."""
+class _Adapter(nn.Module):
+    """Holds a named adapter's lora_A, lora_B (lora_magnitude) inside a LoRA layer's `lora_adapters`."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.0,
+
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: its adapters (settings, A, B), merging, the mixed batch and the state dict.
+    A subclass owns one kind of layer: which module it `accepts` and why it refuses one (`check`), the adapter
+    `shapes`, the base term `_base(x)`, one adapter's update `_delta(x, adapter)` (scaling · B A dropout(x)) and
+    what merge_lora gives back (`merged_module`). See LoRALinear for the Args."""
+
+    torch_bases: tuple = ()  # the torch classes it wraps (and subclasses of them that keep their forward)
+    kind = None  # a short name for reprs and messages
+    transposed = False  # W stored (in, out): ΔW is (s · B A)ᵀ
+    dora = False  # whether use_dora=True is defined for it
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return isinstance(module, cls.torch_bases)
+
+    @classmethod
+    def check(cls, base: nn.Module, name: str) -> None:
+        """Raise TypeError, saying why and what to do, for a module of this kind it cannot wrap exactly."""
+
+    @classmethod
+    def weight_of(cls, base: nn.Module) -> torch.Tensor:
+        return base.weight
+
+    @classmethod
+    def shapes(cls, base: nn.Module, r: int) -> tuple[tuple, tuple]:
+        """The shapes of A and B, as PEFT stores them: (r, in) and (out, r)."""
+        out, inp = cls.weight_of(base).shape[::-1] if cls.transposed else cls.weight_of(base).shape
+        return (r, inp), (out, r)
+
+    def __init__(self, base: nn.Module, r: int | None = None, alpha: float | None = None, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
-                 adapter_dtype: torch.dtype | None = None):
+                 adapter_dtype: torch.dtype | None = None, *, config: LoRAConfig | None = None,
+                 adapter: str = DEFAULT):
         super().__init__()
-        _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
-        _check_base(base, use_dora=use_dora)
-        if not isinstance(self, want := LAYERS[_kind(base)]):
+        config = config or LoRAConfig(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        _check_adapter_name(adapter)
+        check_base(base, use_dora=config.use_dora)
+        if next(c for c in type(self).__mro__ if c in LAYERS) is not (want := layer_class(base)):
             raise TypeError(f"base is a {type(base).__name__}: wrap it with {want.__name__} (add_lora picks it)")
-        a_shape, b_shape = _shapes(base, r)
-        in_features, out_features = math.prod(a_shape[1:]), b_shape[0]
-        if r > (most := min(in_features, out_features)):
-            warnings.warn(f"r={r} exceeds min(in_features, out_features) = min({in_features}, {out_features}): B A has "
-                          f"rank at most {most}, so the extra parameters add no expressiveness", stacklevel=3)
-        self.kind = _kind(base)
-        self.transposed = self.kind in ("conv1d", "embedding")  # W stored (in, out): ΔW is (s · B A)ᵀ
-        self.r = int(r)
-        self.alpha = float(r if alpha is None else alpha)
-        self.use_rslora = use_rslora
-        self.use_dora = use_dora
-        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
-        self.dropout = float(dropout)
+        a_shape, b_shape = self.shapes(base, 1)
+        self.in_features, self.out_features = math.prod(a_shape[1:]), b_shape[0]
+        self.configs: dict[str, LoRAConfig] = {}  # adapter name -> settings, in the order they were added
+        self.active: tuple[str, ...] = (adapter,)  # the adapters forward sums (set_adapter sets them model-wide)
         self.enabled = True  # False inside disable_lora(): the layer computes the base output only
         self.merged = False  # True after merge(): W holds the adapted weight
+        self.merged_adapters: tuple[str, ...] = ()
+        self.per_example = None  # inside adapter_per_example: (batch_dim, batch size, {adapter: its rows})
         self.train(base.training)  # wrapping a model in eval mode leaves it in eval mode
         # The base module without its tensors, given back by merge_lora: its class and settings, no second copy.
         skeleton = copy.copy(base)
         skeleton._parameters = dict.fromkeys(base._parameters)
         self.__dict__["base_skeleton"] = skeleton
+        self._take_base(base)
+        self.register_buffer("merged_norm", None, persistent=False)  # DoRA, while merged: what merge() divided by
+        self.add_adapter(adapter, config, stacklevel=4)
 
-        # The base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra memory.
+    def _take_base(self, base: nn.Module) -> None:
+        """Hold the base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra
+        memory."""
         for n, p in base._parameters.items():
             setattr(self, n, p if p is None else p.requires_grad_(False))
-        if self.kind == "nf4":  # its W is a module (the 4-bit codes and their scales): kept, under the same names
-            self.weight = base.weight
-        if adapter_dtype is None:  # float32 adapters on a half-precision base, as PEFT: see the module docstring
-            half = self.weight.dtype in (torch.float16, torch.bfloat16)
-            adapter_dtype = torch.float32 if half else self.weight.dtype
-        factory = dict(device=self.weight.device, dtype=adapter_dtype)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))  # (r, in); a convolution's (r, in, *kernel)
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))  # (out, r); a convolution's (out, r, 1, ...)
-        self._init_adapter(init)
-        # DoRA, while merged: the norm merge() divided by, so that unmerge() can undo it. Saved only when merged.
-        self.register_buffer("merged_norm", None, persistent=False)
 
-    def _init_adapter(self, init: str) -> None:
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan_in = in: U(-1/sqrt(in), 1/sqrt(in))
+    # -- the adapters --
+
+    def add_adapter(self, adapter: str, config: LoRAConfig, stacklevel: int = 3) -> None:
+        """Add a new adapter `adapter` (A random, B zero) beside the others; it is not made active."""
+        _check_adapter_name(adapter)
+        if adapter in self.configs:
+            raise ValueError(f"this layer already has an adapter {adapter!r} (was add_lora run twice, e.g. by "
+                             "re-running a notebook cell?): delete_adapter it first, or pick another name")
+        if config.use_dora:
+            _check_dora(type(self), self, "this layer")
+        if config.r > (most := min(self.in_features, self.out_features)):
+            warnings.warn(f"r={config.r} exceeds min(in_features, out_features) = min({self.in_features}, "
+                          f"{self.out_features}): B A has rank at most {most}, so the extra parameters add no "
+                          "expressiveness", stacklevel=stacklevel)
+        dtype = config.adapter_dtype  # None: float32 adapters on a half-precision base, as PEFT (module docstring)
+        if dtype is None:
+            dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        a_shape, b_shape = self.shapes(self, config.r)
+        if adapter == DEFAULT:
+            slot = self
         else:
-            nn.init.normal_(self.lora_A, std=1 / self.r)
+            if "lora_adapters" not in self._modules:
+                self.lora_adapters = nn.ModuleDict()
+            slot = self.lora_adapters[adapter] = _Adapter()
+        slot.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=dtype))  # (r, in)
+        slot.lora_B = nn.Parameter(torch.zeros(b_shape, device=self.weight.device, dtype=dtype))  # (out, r)
+        self.configs[adapter] = config
+        self._init_adapter(slot, config)
+        if config.use_dora:  # m = ‖W‖: starts at the base model
+            norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise(adapter))  # (out,)
+            slot.lora_magnitude = nn.Parameter(norms.to(dtype))
 
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
+    def _init_adapter(self, slot: nn.Module, config: LoRAConfig) -> None:
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(slot.lora_A, a=math.sqrt(5))  # fan_in = in: U(-1/sqrt(in), 1/sqrt(in))
+        else:
+            nn.init.normal_(slot.lora_A, std=1 / config.r)
 
-    @property
-    def out_features(self) -> int:
-        return self.lora_B.shape[0]
+    def delete_adapter(self, adapter: str) -> None:
+        if self.merged and adapter in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter!r} is merged into this layer's weight: unmerge() first")
+        del self.configs[adapter]
+        if adapter == DEFAULT:
+            for n in ADAPTER_NAMES:
+                self._parameters.pop(n, None)
+        else:
+            del self.lora_adapters[adapter]
+        self.active = tuple(a for a in self.active if a != adapter)
 
-    @property
-    def _precise(self) -> torch.dtype:
-        """float32, or wider if W or the adapter is: the dtype of merges and of DoRA's norm."""
-        return torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype), torch.float32)
+    def adapter_tensors(self, adapter: str) -> dict[str, nn.Parameter]:
+        """{"lora_A": ..., "lora_B": ... (, "lora_magnitude": ...)} of one adapter."""
+        slot = self if adapter == DEFAULT else self.lora_adapters[adapter]
+        return {n: slot._parameters[n] for n in ADAPTER_NAMES if slot._parameters.get(n) is not None}
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """lora_A, lora_B (and DoRA's lora_magnitude): what fine-tuning trains."""
-        return [self.lora_A, self.lora_B] + ([self.lora_magnitude] if self.use_dora else [])
+        """lora_A, lora_B (and DoRA's lora_magnitude) of the active adapters: what fine-tuning trains."""
+        return [p for a in self._active() for p in self.adapter_tensors(a).values()]
+
+    def _active(self) -> tuple[str, ...]:
+        return tuple(a for a in self.active if a in self.configs)
+
+    @property
+    def config(self) -> LoRAConfig:
+        """The settings of the first active adapter this layer has (else of its first adapter)."""
+        return self.configs[(self._active() or tuple(self.configs))[0]]
+
+    r = property(lambda self: self.config.r)
+    alpha = property(lambda self: self.config.alpha)
+    dropout = property(lambda self: self.config.dropout)
+    use_rslora = property(lambda self: self.config.use_rslora)
+    use_dora = property(lambda self: self.config.use_dora)
+    scaling = property(lambda self: self.config.scaling)
+
+    def _precise(self, adapter: str | None = None) -> torch.dtype:
+        """float32, or wider if W or the adapter is: the dtype of merges and of DoRA's norm."""
+        names = [adapter] if adapter else list(self.configs)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        for a in names:
+            dtype = torch.promote_types(dtype, self.adapter_tensors(a)["lora_A"].dtype)
+        return dtype
 
     def _check_not_training_merged(self) -> None:
         if self.merged and self.training and torch.is_grad_enabled() and \
-                any(p.requires_grad for p in self.adapter_parameters()):
+                any(p.requires_grad for a in self.merged_adapters for p in self.adapter_tensors(a).values()):
             raise RuntimeError(f"this {type(self).__name__} is merged, so its adapter would get no gradient: call "
                                "unmerge() before training (for inference, call eval() or use torch.no_grad())")
 
+    # -- the update as a weight: merging --
+
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, the update that merge() adds to W, in W's layout and dtype."""
-        return self._precise_delta_weight().to(self.weight.dtype)
+        """scaling · B A summed over the active adapters: what merge() adds to W, in W's layout and dtype."""
+        return self._precise_delta_weight(self._active()).to(self.weight.dtype)
 
-    def _precise_delta_weight(self) -> torch.Tensor:
-        B, A = self.lora_B.to(self._precise).flatten(1), self.lora_A.to(self._precise).flatten(1)
-        delta = self.scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in); a convolution's in is in · kernel
-        return delta.T if self.transposed else delta.view(self.weight.shape)
+    def _precise_delta_weight(self, adapters: Iterable[str]) -> torch.Tensor:
+        delta = torch.zeros(self.weight.shape, dtype=self._precise(), device=self.weight.device)
+        for a in adapters:
+            t = self.adapter_tensors(a)
+            B, A = t["lora_B"].to(delta.dtype).flatten(1), t["lora_A"].to(delta.dtype).flatten(1)
+            d = self.configs[a].scaling * (B @ A)  # (out, r) @ (r, in) -> (out, in); a convolution's in is in · kernel
+            delta += d.T if self.transposed else d.view(self.weight.shape)
+        return delta
 
-    def _adapted_weight(self) -> torch.Tensor:
+    def _adapted_weight(self, adapters: tuple[str, ...] | None = None) -> torch.Tensor:
         """W + ΔW rounded once to W's dtype, differentiable in A and B: for a parent that reads W itself."""
-        if self.merged or not self.enabled:
+        adapters = self._active() if adapters is None else adapters
+        if self.merged or not self.enabled or not adapters:
             return self.weight
-        return (self.weight.to(self._precise) + self._precise_delta_weight()).to(self.weight.dtype)
+        return (self.weight.to(self._precise()) + self._precise_delta_weight(adapters)).to(self.weight.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
 
     @torch.no_grad()
-    def _fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _fold(self, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the weight merge() writes, in W's dtype; DoRA's norm it divides by, else None); ValueError if it
         is not finite."""
         dtensor = sys.modules.get("torch.distributed.tensor")  # loaded wherever a tensor can be a DTensor
@@ -282,67 +352,115 @@ class LoRALayer(nn.Module):
                              "in place would no longer be gathered: merge a copy that holds full tensors (e.g. "
                              "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
                              "StateDictOptions(full_state_dict=True)) loaded into an unsharded model)")
-        w = self.weight.dequantize() if self.kind == "nf4" else self.weight  # NF4: the W the adapter trained on
-        merged = self._precise_delta_weight().add_(w)  # float32 or wider: W + s B A
+        _check_combination(adapters, self.configs)
+        merged = self._precise_delta_weight(adapters).add_(self._base_weight())  # float32 or wider: W + s B A
         norm = None
-        if self.use_dora:
+        if len(adapters) == 1 and self.configs[adapters[0]].use_dora:
+            m = self.adapter_tensors(adapters[0])["lora_magnitude"]
             norm = torch.linalg.vector_norm(merged, dim=1)  # (out,): the precise W + s B A is here already
-            merged.mul_((self.lora_magnitude.to(self._precise) / norm)[:, None])  # each row rescaled to length m
+            merged.mul_((m.to(merged.dtype) / norm)[:, None])  # each row rescaled to length m
         merged = merged.to(self.weight.dtype)  # checked after the cast: float16 overflows at 65504
         if not torch.isfinite(merged).all():
+            A, B = (torch.cat([self.adapter_tensors(a)[k].flatten() for a in adapters]) for k in ("lora_A", "lora_B"))
             raise ValueError(f"merging would put NaN or Inf into the {self.weight.dtype} weight; lora_A or lora_B "
-                             f"has diverged (|A|max={self.lora_A.abs().max().item():g}, |B|max="
-                             f"{self.lora_B.abs().max().item():g}): retrain at a lower rate, or load an earlier one")
+                             f"has diverged (|A|max={A.abs().max().item():g}, |B|max={B.abs().max().item():g}): "
+                             "retrain at a lower rate, or load an earlier one")
         return merged, norm
 
-    def merged_weight(self) -> torch.Tensor:
+    def merged_weight(self, adapters: tuple[str, ...] | None = None) -> torch.Tensor:
         """A new tensor holding the adapted weight: W + scaling · B A (DoRA: each row rescaled to length m),
         computed in float32 (float64 for a float64 layer) and cast to W's dtype; ValueError if not finite."""
-        return self.weight.detach().clone() if self.merged else self._fold()[0]
+        adapters = self._active() if adapters is None else tuple(a for a in adapters if a in self.configs)
+        if self.merged:
+            if set(adapters) != set(self.merged_adapters):
+                raise ValueError(f"the layer is merged with {list(self.merged_adapters)}, not {list(adapters)}: "
+                                 "unmerge() it first")
+            return self.weight.detach().clone()
+        return self._fold(adapters)[0]
+
+    def merged_module(self, adapters: tuple[str, ...] | None = None) -> nn.Module:
+        """What merge_lora puts in this layer's place: the base module, its weight now W + ΔW (in place)."""
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.copy_(self.merged_weight(adapters))
+        return self.unwrapped()
+
+    def unwrapped(self) -> nn.Module:
+        """The base module, holding this layer's tensors as they are (no update folded in)."""
+        base = copy.copy(self.base_skeleton)
+        base._parameters = {n: self._parameters.get(n) for n in base._parameters}
+        base._modules = {n: getattr(self, n) for n in base._modules}  # an attention's out_proj: merged next
+        return base.train(self.training)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W in place, so forward is the base layer's; no copy of W is kept. No-op if merged.
-
-        Rounding: W + ΔW (DoRA: scaled per row) is formed in float32 and rounded once to W's dtype, and
-        unmerge() rounds once more on the way back. So unmerge() returns W only to within, per element,
-            u·|W| + (u + k·2^-24)·|W + ΔW|     (+ 2^-24 in float16, near zero where it is subnormal)
-        u the unit roundoff of W's dtype (2^-24 float32, 2^-11 float16, 2^-8 bfloat16), k = 1 for LoRA and 3
-        for DoRA (float32 roundings of its row scale). disable_lora stays exact on unmerged layers; merged ones
-        it unmerges and merges again.
-        """
+        """Fold the active adapters' update into W in place (no copy of W kept); a no-op if merged. W + ΔW is formed
+        in float32 and rounded once to W's dtype, and unmerge() rounds once more: it returns W to within, per element,
+        u·|W| + (u + k·2^-24)·|W + ΔW| (+ 2^-24 in float16 near zero), u the unit roundoff of W's dtype, k = 1 for
+        LoRA and 3 for DoRA (float32 roundings of its row scale)."""
         if self.merged:
             return
-        if self.kind == "nf4":
-            raise TypeError("merge() would fold ΔW into the 4-bit weight, rounding it to NF4 again and losing most of "
-                            "the update; merge_lora(model) gives an nn.Linear holding the dequantized W + ΔW instead")
-        merged, norm = self._fold()  # raises before anything changes
-        if self.use_dora and (self.lora_magnitude == 0).any():
+        adapters = self._active()
+        merged, norm = self._fold(adapters)  # raises before anything changes
+        if norm is not None and (self.adapter_tensors(adapters[0])["lora_magnitude"] == 0).any():
             raise ValueError("lora_magnitude has zeros: merging would zero those rows of W for good, so unmerge() "
                              "could not restore them (merge_lora, which never unmerges, can)")
         self.weight.copy_(merged)
-        self.merged_norm = norm
-        self.merged = True
+        self.merged_norm, self.merged, self.merged_adapters = norm, True, adapters
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the update out of W again, up to the rounding merge() states. A no-op if not merged."""
         if not self.merged:
             return
-        w = self.weight.to(self._precise)  # a float32 W is W itself, updated in place
-        if self.use_dora:
-            w.mul_((self.merged_norm / self.lora_magnitude.to(self._precise))[:, None])  # back to W + s B A
-        self.weight.copy_(w.sub_(self._precise_delta_weight()))
-        self.merged_norm = None
-        self.merged = False
+        w = self.weight.to(self._precise())  # a float32 W is W itself, updated in place
+        if self.merged_norm is not None:  # back to W + s B A
+            w.mul_((self.merged_norm / self.adapter_tensors(self.merged_adapters[0])["lora_magnitude"]
+                    .to(w.dtype))[:, None])
+        self.weight.copy_(w.sub_(self._precise_delta_weight(self.merged_adapters)))
+        self.merged_norm, self.merged, self.merged_adapters = None, False, ()
 
+    # -- the forward: the base term plus each adapter's update --
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = base(x) + Σ over the active adapters of scaling · B A dropout(x)."""
+        if self.merged or not self.enabled:
+            self._check_not_training_merged()
+            return self._base(x)  # merged: W holds W + ΔW; disabled: the base model
+        if self.per_example is not None:
+            return self._mixed_forward(x)
+        h = self._base(x)
+        out = h
+        for a in self._active():  # a float32 adapter on a half-precision base: add in float32, round once
+            out = out + self._delta(x, a)
+        return out.to(h.dtype)
+
+    def _rows(self, x: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+        dim, n, groups = self.per_example
+        dim = dim % x.dim()
+        if x.shape[dim] != n:
+            raise ValueError(f"adapter_per_example was given {n} names, but this {type(self).__name__}'s input "
+                             f"{tuple(x.shape)} has {x.shape[dim]} along batch_dim={dim}: pass the batch's dimension "
+                             "(nn.TransformerEncoder without batch_first: batch_dim=1)")
+        return dim, groups
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each example's row through its own adapter: the base term once, each adapter's update on its rows."""
+        dim, groups = self._rows(x)
+        h = self._base(x)
+        out = h.to(torch.promote_types(h.dtype, self._precise()) if groups else h.dtype)
+        for a, rows in groups.items():
+            out = out.index_add(dim, rows, self._delta(x.index_select(dim, rows), a).to(out.dtype))
+        return out.to(h.dtype)
+
+    # -- saving: a merged layer's state_dict says so --
     # A merged layer's state_dict holds W + ΔW beside lora_A and lora_B. It says so (`lora_merged`, and DoRA's
     # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             destination[prefix + "lora_merged"] = torch.tensor(True)
-            if self.use_dora:
+            if self.merged_norm is not None:
                 destination[prefix + "lora_merged_norm"] = self.merged_norm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -350,7 +468,8 @@ class LoRALayer(nn.Module):
         flags = (prefix + "lora_merged", prefix + "lora_merged_norm")
         loads_weight = prefix + "weight" in state_dict
         merged = flags[0] in state_dict
-        if loads_weight and merged and self.use_dora and flags[1] not in state_dict:
+        dora = self.configs[self._active()[0]].use_dora if self._active() else False
+        if loads_weight and merged and dora and flags[1] not in state_dict:
             error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge "
                               "it (save the layer unmerged)")
             return
@@ -363,23 +482,26 @@ class LoRALayer(nn.Module):
                                       error_msgs)
         unexpected_keys[:] = [k for k in unexpected_keys if k not in flags]
         if loads_weight and len(error_msgs) == errors_before:
-            self.merged = merged
-            self.merged_norm = (state_dict[flags[1]].to(self.weight.device, self._precise)
-                                if merged and self.use_dora else None)
+            self.merged, self.merged_adapters = merged, self._active() if merged else ()
+            self.merged_norm = (state_dict[flags[1]].to(self.weight.device, self._precise())
+                                if merged and dora else None)
 
     def extra_repr(self) -> str:
-        dtype = "" if self.lora_A.dtype == self.weight.dtype else f"adapter_dtype={self.lora_A.dtype}, "
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, {dtype}"
-                f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")
+        c = self.config
+        dtype = self.adapter_tensors(self._active()[0] if self._active() else next(iter(self.configs)))["lora_A"].dtype
+        dtype = "" if dtype == self.weight.dtype else f"adapter_dtype={dtype}, "
+        names = f"adapters={list(self.configs)}, active={list(self.active)}, " if list(self.configs) != [DEFAULT] \
+            else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={c.r}, "
+                f"alpha={c.alpha:g}, scaling={c.scaling:g}, dropout={c.dropout:g}, {dtype}{names}"
+                f"{'use_dora=True, ' if c.use_dora else ''}merged={self.merged}")
 
 
 class LoRALinear(LoRALayer):
-    """nn.Linear (or transformers' Conv1D) with a frozen weight plus a trainable low-rank update
-    (alpha / r) · B A, and for DoRA a magnitude.
+    """nn.Linear with a frozen weight plus a trainable low-rank update (alpha / r) · B A, and for DoRA a magnitude.
 
     Args:
-        base: the nn.Linear or Conv1D to adapt; its weight and bias are kept (same tensors) and frozen.
+        base: the nn.Linear to adapt; its weight and bias are kept (same tensors) and frozen.
         r: the rank of the update B A (paper, section 4.1; section 7.2: a small r suffices on attention).
         alpha: scaling = alpha / r; None means alpha = r, scaling 1 (PEFT's default is alpha = 8).
         dropout: dropout on the adapter's input only, as in the paper's code (its GPT-2 runs use 0.1, appendix D).
@@ -387,56 +509,48 @@ class LoRALinear(LoRALayer):
         use_rslora: scale by alpha / sqrt(r) (rsLoRA, arXiv:2312.03732) instead of alpha / r.
         use_dora: DoRA's magnitude and direction (arXiv:2402.09353); nn.Linear only.
         adapter_dtype: dtype of A, B and m; None: float32 on a float16/bfloat16 base, else W's dtype.
+        config: a LoRAConfig instead of the six settings above; adapter: the adapter's name.
     """
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
-                 init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
-                 adapter_dtype: torch.dtype | None = None):
-        super().__init__(base, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
-        if use_dora:
-            norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=self._precise)  # (out,)
-            self.lora_magnitude = nn.Parameter(norms.to(self.lora_A.dtype))  # m = ‖W‖: starts at the base model
+    torch_bases, kind, dora = (nn.Linear,), "linear", True
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """W x + b as the base layer computes it."""
-        if self.kind == "nf4":  # LinearNF4's forward: F.linear(x, W, b), its 4-bit W dequantized (again in backward)
-            return self.weight.linear(x, self.bias)
-        if not self.transposed:
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, self.in_features)  # Conv1D: (N, in) @ (in, out) + b, as transformers computes it
-        h = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-        return h.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def _delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        t, c = self.adapter_tensors(adapter), self.configs[adapter]
+        x_drop = F.dropout(x, c.dropout, self.training) if c.dropout > 0 else x
+        u = F.linear(x_drop.to(t["lora_A"].dtype), t["lora_A"]).mul_(c.scaling)  # (N, in) @ (in, r) -> (N, r)
+        return F.linear(u, t["lora_B"])  # (N, r) @ (r, out) -> (N, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W x + b + (alpha / r) · B A dropout(x)   (DoRA: see _dora_forward)."""
-        if self.merged or not self.enabled:
-            self._check_not_training_merged()
-            return self._base(x)  # merged: W holds W + ΔW; disabled: the base model
-        if self.use_dora:
-            return self._dora_forward(x)
+        active = self._active()
+        if self.merged or not self.enabled or self.per_example is not None or len(active) != 1:
+            return super().forward(x)
+        t, c = self.adapter_tensors(active[0]), self.configs[active[0]]
+        if c.use_dora:
+            return self._dora_forward(x, t, c)
+        if t["lora_A"].dtype != x.dtype or type(self) is not LoRALinear:
+            return super().forward(x)  # added in the adapter's dtype (float32 on a half base), rounded once
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2  # p = 0: no copy of x
+        x2_drop = F.dropout(x2, c.dropout, self.training) if c.dropout > 0 else x2  # p = 0: no copy of x
         # In place below is safe: linear's backward needs its inputs, never its output.
-        u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        # A float32 adapter on a half-precision base: add in float32, round once. NF4: no W for addmm below.
-        if self.lora_A.dtype != x.dtype or self.kind == "nf4":
-            delta = F.linear(u, self.lora_B).view(*x.shape[:-1], self.out_features)  # (N, r) @ (r, out)
-            return (self._base(x) + delta).to(x.dtype)
-        v = F.linear(u, self.lora_B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
+        u = F.linear(x2_drop, t["lora_A"]).mul_(c.scaling)  # (N, in) @ (in, r) -> (N, r)
+        v = F.linear(u, t["lora_B"], self.bias)  # (N, r) @ (r, out) + b -> (N, out)
         # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
-        w_t = self.weight if self.transposed else self.weight.t()  # (in, out)
-        return torch.addmm(v, x2, w_t).view(*x.shape[:-1], self.out_features)
+        return torch.addmm(v, x2, self.weight.t()).view(*x.shape[:-1], self.out_features)
 
-    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _dora_forward(self, x: torch.Tensor, t: dict, c: LoRAConfig) -> torch.Tensor:
         """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, through the same (x Aᵀ) Bᵀ as LoRA: no (out, in) matrix per step."""
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        x2_drop = F.dropout(x2, self.dropout, self.training) if self.dropout > 0 else x2
-        scale = (self.lora_magnitude.to(self._precise) / self.weight_norm()).to(x.dtype)  # (out,): m / ‖W + s B A‖
-        u = F.linear(x2_drop.to(self.lora_A.dtype), self.lora_A).mul_(self.scaling)  # (N, in) @ (in, r) -> (N, r)
-        if self.lora_A.dtype == x.dtype:
-            v = torch.addmm(F.linear(u, self.lora_B), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
+        x2_drop = F.dropout(x2, c.dropout, self.training) if c.dropout > 0 else x2
+        scale = (t["lora_magnitude"].to(self._precise()) / self.weight_norm()).to(x.dtype)  # (out,): m / ‖W + s B A‖
+        u = F.linear(x2_drop.to(t["lora_A"].dtype), t["lora_A"]).mul_(c.scaling)  # (N, in) @ (in, r) -> (N, r)
+        if t["lora_A"].dtype == x.dtype:
+            v = torch.addmm(F.linear(u, t["lora_B"]), x2_drop, self.weight.t())  # (N, r)@(r, out) + (N, in)@(in, out)
         else:
-            v = (F.linear(x2_drop, self.weight) + F.linear(u, self.lora_B)).to(x.dtype)
+            v = (F.linear(x2_drop, self.weight) + F.linear(u, t["lora_B"])).to(x.dtype)
         h = v * scale if self.bias is None else torch.addcmul(self.bias, v, scale)  # (N, out) ⊙ (out,) + b
         if x2_drop is not x2:  # dropout acts on the adapter's input only, as in the paper's code and PEFT:
             h = h + F.linear(x2 - x2_drop, self.weight)  # the base term keeps W x whole: + W (x - dropout(x))
@@ -450,12 +564,87 @@ class LoRALinear(LoRALayer):
         is built on every step, as the direct form would (PEFT's does). W Aᵀ is rounded to W's dtype, which moves
         the norm by less than that dtype's roundoff times ‖s B A‖ / ‖W‖.
         """
-        A, B = self.lora_A.to(self._precise), self.lora_B.to(self._precise)  # (r, in), (out, r)
-        w_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=self._precise).square()  # (out,)
-        w_at = F.linear(self.weight, self.lora_A.to(self.weight.dtype)).to(self._precise)  # (out, in) @ (in, r)
+        a = self._active()[0]
+        t, s, precise = self.adapter_tensors(a), self.configs[a].scaling, self._precise(a)
+        A, B = t["lora_A"].to(precise), t["lora_B"].to(precise)  # (r, in), (out, r)
+        w_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=precise).square()  # (out,)
+        w_at = F.linear(self.weight, t["lora_A"].to(self.weight.dtype)).to(precise)  # (out, in) @ (in, r)
         b_aat = B @ (A @ A.T)  # (out, r) @ (r, r) -> (out, r)
-        s = self.scaling
         return (w_sq + 2 * s * (B * w_at).sum(1) + s * s * (B * b_aat).sum(1)).clamp_min(0).sqrt()  # (out,)
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass where it pays: the adapters' A stacked into one product and B into another, each example's
+        columns kept by a mask (K·r extra columns); sub-batches (the parent's) where their ranks sum past
+        STACK_MAX_RANK, or where their dropout or dtype differ."""
+        dim, groups = self._rows(x)
+        configs = [self.configs[a] for a in groups]
+        tensors = [self.adapter_tensors(a) for a in groups]
+        if (len(groups) < 2 or sum(c.r for c in configs) > STACK_MAX_RANK or len({c.dropout for c in configs}) > 1
+                or len({t["lora_A"].dtype for t in tensors}) > 1 or dim == x.dim() - 1):
+            return super()._mixed_forward(x)
+        A = torch.cat([t["lora_A"] for t in tensors])  # (K·r, in)
+        B = torch.cat([t["lora_B"] for t in tensors], dim=1)  # (out, K·r)
+        mask = torch.zeros(x.shape[dim], A.shape[0], dtype=A.dtype, device=A.device)  # (N, K·r): s on its columns
+        start = 0
+        for (a, rows), c in zip(groups.items(), configs):
+            mask[rows, start:start + c.r] = c.scaling
+            start += c.r
+        mask = mask.view([x.shape[dim] if i == dim else 1 for i in range(x.dim() - 1)] + [A.shape[0]])
+        x_drop = F.dropout(x, configs[0].dropout, self.training) if configs[0].dropout > 0 else x
+        u = F.linear(x_drop.to(A.dtype), A).mul_(mask)  # (..., in) @ (in, K·r) -> (..., K·r), others' columns zeroed
+        if A.dtype != x.dtype or type(self) is not LoRALinear:
+            h = self._base(x)
+            return (h + F.linear(u, B)).to(h.dtype)  # (..., K·r) @ (K·r, out) -> (..., out)
+        v = F.linear(u.reshape(-1, A.shape[0]), B, self.bias)  # (N, K·r) @ (K·r, out) + b, as forward's one adapter
+        return torch.addmm(v, x.reshape(-1, self.in_features), self.weight.t()).view(*x.shape[:-1], self.out_features)
+
+
+class LoRAConv1D(LoRALinear):
+    """transformers' Conv1D (GPT-2), recognised by class name without importing transformers: W stored (in, out),
+    so ΔW is (s · B A)ᵀ. Args: as LoRALinear; use_dora is refused."""
+    torch_bases, kind, dora, transposed = (), "conv1d", False, True
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) and \
+            module.weight.shape == (getattr(module, "nx", None), getattr(module, "nf", None))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (N, in) @ (in, out) + b, as transformers computes it
+        h = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+        return h.view(*x.shape[:-1], self.out_features)
+
+
+class LoRALinearNF4(LoRALinear):
+    """nf4.py's LinearNF4 (QLoRA), by class name: the base term is its own output (its 4-bit W dequantized),
+    adapters float32 by default. merge() is refused (folding ΔW into 4 bits would round it again); merge_lora gives
+    an nn.Linear holding the dequantized W + ΔW. Args: as LoRALinear; use_dora is refused."""
+    torch_bases, kind, dora = (), "nf4", False
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return type(module).__name__ == "LinearNF4" and callable(getattr(getattr(module, "weight", None), "linear",
+                                                                         None))
+
+    def _take_base(self, base: nn.Module) -> None:
+        super()._take_base(base)
+        self.weight = base.weight  # its W is a module (the 4-bit codes and their scales): kept, under the same names
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.linear(x, self.bias)  # F.linear(x, W, b), its 4-bit W dequantized (again in backward)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight.dequantize()  # the W the adapter trained on
+
+    def merge(self) -> None:
+        raise TypeError("merge() would fold ΔW into the 4-bit weight, rounding it to NF4 again and losing most of "
+                        "the update; merge_lora(model) gives an nn.Linear holding the dequantized W + ΔW instead")
+
+    def merged_module(self, adapters: tuple[str, ...] | None = None) -> nn.Module:
+        base = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        base.weight = nn.Parameter(self.merged_weight(adapters), requires_grad=False)
+        base.bias = self.bias
+        return base.train(self.training)  # dequantized W + ΔW, never the W before quantization
 
 
 class LoRAEmbedding(LoRALayer):
@@ -465,42 +654,58 @@ class LoRAEmbedding(LoRALayer):
     Args: as LoRALinear (base an nn.Embedding); `dropout` is kept for saving but not applied (indices cannot be
     dropped out, as in PEFT), `init` has no effect, and use_dora is refused.
     """
+    torch_bases, kind, transposed = (nn.Embedding,), "embedding", True
     bias = None
 
-    def _init_adapter(self, init: str) -> None:
-        nn.init.zeros_(self.lora_A)
-        nn.init.normal_(self.lora_B)
-        self.padding_idx = self.base_skeleton.padding_idx
-        self.scale_grad_by_freq = self.base_skeleton.scale_grad_by_freq
+    @classmethod
+    def check(cls, base: nn.Module, name: str) -> None:
+        if base.max_norm is not None or base.sparse:
+            raise TypeError(f"{name} is an nn.Embedding with max_norm={base.max_norm}, sparse={base.sparse}: max_norm "
+                            "renormalises W's rows in place at every lookup and sparse gradients do not reach A; "
+                            "lora.py wraps embeddings without them: leave it out of targets")
+
+    def _init_adapter(self, slot: nn.Module, config: LoRAConfig) -> None:
+        nn.init.zeros_(slot.lora_A)
+        nn.init.normal_(slot.lora_B)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, self.weight, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+        s = self.base_skeleton
+        return F.embedding(x, self.weight, s.padding_idx, scale_grad_by_freq=s.scale_grad_by_freq)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """h = W[x] + (alpha / r) · (B A)ᵀ[x] = W[x] + (alpha / r) · Aᵀ[x] Bᵀ."""
-        if self.merged or not self.enabled:
-            self._check_not_training_merged()
-            return self._base(x)
-        h = self._base(x)  # (..., dim)
-        after_a = F.embedding(x, self.lora_A.T, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
-        return (h + after_a @ self.lora_B.T * self.scaling).to(h.dtype)  # (..., r) @ (r, dim) -> (..., dim)
+    def _delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """(alpha / r) · (B A)ᵀ[x] = (alpha / r) · Aᵀ[x] Bᵀ; the padding row stays W's."""
+        t, s = self.adapter_tensors(adapter), self.base_skeleton
+        after_a = F.embedding(x, t["lora_A"].T, s.padding_idx, scale_grad_by_freq=s.scale_grad_by_freq)
+        return after_a @ t["lora_B"].T * self.configs[adapter].scaling  # (..., r) @ (r, dim) -> (..., dim)
 
 
 class LoRAConv(LoRALayer):
     """nn.Conv1d/2d/3d with a frozen W (out, in, *kernel) plus A, a convolution like the base's with r output
-    channels, then B, a 1×1 one (see the module docstring). Args: as LoRALinear; use_dora is refused."""
+    channels, then B, a 1×1 one: ΔW = scaling · B ∘ A has W's shape. Args: as LoRALinear; use_dora is refused."""
+    torch_bases, kind = (nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """h = conv(x, W) + b + (alpha / r) · B ∘ A (dropout(x))."""
-        conv = self.base_skeleton._conv_forward  # the base's stride, padding (and its mode), dilation
-        h = conv(x, self.weight, self.bias)  # (N, in, *size) -> (N, out, *size')
-        if self.merged or not self.enabled:
-            self._check_not_training_merged()
-            return h
-        x_drop = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        u = conv(x_drop.to(self.lora_A.dtype), self.lora_A, None)  # (N, in, *size) -> (N, r, *size')
-        delta = (F.conv1d, F.conv2d, F.conv3d)[u.dim() - 3](u, self.lora_B)  # 1×1: (N, r, *size') -> (N, out, *size')
-        return (h + delta * self.scaling).to(h.dtype)
+    @classmethod
+    def check(cls, base: nn.Module, name: str) -> None:
+        if base.groups > 1:
+            raise TypeError(f"{name} is a {type(base).__name__} with groups={base.groups}: B ∘ A is a dense (out, in, "
+                            f"*kernel) update that its grouped weight (out, in / {base.groups}, *kernel) cannot hold, "
+                            "so it could not merge; leave it out of targets and adapt the ungrouped convolutions "
+                            "beside it (the 1×1 ones)")
+
+    @classmethod
+    def shapes(cls, base: nn.Module, r: int) -> tuple[tuple, tuple]:
+        """A (r, in, *kernel), B 1×1: (out, r, 1, ...)."""
+        out, *rest = cls.weight_of(base).shape
+        return (r, *rest), (out, r, *[1] * (len(rest) - 1))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_skeleton._conv_forward(x, self.weight, self.bias)  # its stride, padding (mode), dilation
+
+    def _delta(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        t, c = self.adapter_tensors(adapter), self.configs[adapter]
+        x_drop = F.dropout(x, c.dropout, self.training) if c.dropout > 0 else x
+        u = self.base_skeleton._conv_forward(x_drop.to(t["lora_A"].dtype), t["lora_A"], None)  # (N, r, *size')
+        return (F.conv1d, F.conv2d, F.conv3d)[u.dim() - 3](u, t["lora_B"]) * c.scaling  # 1×1: -> (N, out, *size')
 
 
 class LoRAMultiheadAttention(LoRALayer):
@@ -508,14 +713,36 @@ class LoRAMultiheadAttention(LoRALayer):
     LoRALinear as out_proj, as PEFT. The module reads its weights itself (its fast path too), so forward runs its
     own forward with W + ΔW in their place: every path (training, eval, fast path, need_weights, masks) computes
     what the module computes with the adapted weights, and gradients reach A and B. Dropout does not apply (as in
-    PEFT): the update is in W. Args: as LoRALinear; use_dora is refused."""
-
+    PEFT): the update is in W. In a mixed batch, each adapter's examples run as a sub-batch. Args: as LoRALinear;
+    use_dora is refused."""
+    torch_bases, kind = (nn.MultiheadAttention,), "mha"
     weight = property(lambda self: self.in_proj_weight)  # W: (3E, E)
     bias = property(lambda self: self.in_proj_bias)  # (3E,) or None
+
+    @classmethod
+    def check(cls, base: nn.Module, name: str) -> None:
+        if not base._qkv_same_embed_dim:
+            raise TypeError(f"{name} is an nn.MultiheadAttention with kdim or vdim unlike embed_dim, so q, k and v "
+                            "have separate weights; lora.py (as PEFT) adapts the packed in_proj_weight: leave it out "
+                            "of targets")
+        check_base(base.out_proj, f"{name}'s out_proj")
+
+    @classmethod
+    def weight_of(cls, base: nn.Module) -> torch.Tensor:
+        return base.in_proj_weight
 
     def __init__(self, base: nn.MultiheadAttention, *args, **kwargs):
         super().__init__(base, *args, **kwargs)
         self.out_proj = LoRALinear(base.out_proj, *args, **kwargs)
+
+    def add_adapter(self, adapter: str, config: LoRAConfig, stacklevel: int = 3) -> None:
+        super().add_adapter(adapter, config, stacklevel + 1)
+        if "out_proj" in self._modules:
+            self.out_proj.add_adapter(adapter, config, stacklevel + 1)
+
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self.out_proj.delete_adapter(adapter)
 
     def __getattr__(self, name: str):  # embed_dim, batch_first, ...: what PyTorch's layers read off self_attn
         base = self.__dict__.get("base_skeleton")
@@ -523,18 +750,60 @@ class LoRAMultiheadAttention(LoRALayer):
             return getattr(base, name)
         return super().__getattr__(name)
 
+    def _run(self, adapters: tuple[str, ...], args, kwargs):
+        weights = {n: p for n, p in self._parameters.items() if p is not None and n not in ADAPTER_NAMES}
+        weights |= {"in_proj_weight": self._adapted_weight(adapters),
+                    "out_proj.weight": self.out_proj._adapted_weight(adapters), "out_proj.bias": self.out_proj.bias}
+        return torch.func.functional_call(self.base_skeleton.train(self.training), weights, args, kwargs)
+
     def forward(self, *args, **kwargs):
         """nn.MultiheadAttention's forward, with W + ΔW for in_proj_weight and out_proj.weight."""
         self._check_not_training_merged()
         self.out_proj._check_not_training_merged()
-        weights = {n: p for n, p in self._parameters.items() if p is not None and n not in ADAPTER_NAMES}
-        weights |= {"in_proj_weight": self._adapted_weight(), "out_proj.weight": self.out_proj._adapted_weight(),
-                    "out_proj.bias": self.out_proj.bias}
-        return torch.func.functional_call(self.base_skeleton.train(self.training), weights, args, kwargs)
+        if self.per_example is None or self.merged or not self.enabled:
+            return self._run(self._active(), args, kwargs)
+        a = inspect.signature(nn.MultiheadAttention.forward).bind(self, *args, **kwargs)
+        a.apply_defaults()
+        a = {k: v for k, v in a.arguments.items() if k != "self"}
+        dim, (_, n, groups) = (0 if self.batch_first else 1), self.per_example
+        if a["query"].dim() != 3 or a["query"].shape[dim] != n:
+            raise ValueError(f"adapter_per_example was given {n} names, but this attention's query has shape "
+                             f"{tuple(a['query'].shape)} (batch_first={self.batch_first}): a batch of {n} is needed")
+        rest = torch.ones(n, dtype=torch.bool, device=a["query"].device)
+        for rows in groups.values():
+            rest[rows] = False
+        parts = [((ad,), rows) for ad, rows in groups.items()] + [((), rest.nonzero().flatten())]
+        outs, order = [], []
+        for adapters, rows in (p for p in parts if len(p[1])):  # each adapter's examples, then the base's
+            sub, picked = dict(a), {}
+            for k in ("query", "key", "value"):  # q, k, v that are one tensor stay one: its packed projection
+                if id(a[k]) not in picked:
+                    picked[id(a[k])] = a[k].index_select(dim, rows)
+                sub[k] = picked[id(a[k])]
+            if a["key_padding_mask"] is not None:
+                sub["key_padding_mask"] = a["key_padding_mask"].index_select(0, rows)
+            if a["attn_mask"] is not None and a["attn_mask"].dim() == 3:  # (N · heads, L, S)
+                sub["attn_mask"] = a["attn_mask"].view(n, -1, *a["attn_mask"].shape[1:]).index_select(0, rows) \
+                    .flatten(0, 1)
+            outs.append(self._run(adapters, (), sub))
+            order.append(rows)
+        back = torch.argsort(torch.cat(order))  # the rows of the concatenated sub-batches, back in batch order
+        out = torch.cat([o for o, _ in outs], dim).index_select(dim, back)
+        return out, None if outs[0][1] is None else torch.cat([w for _, w in outs]).index_select(0, back)
 
 
-LAYERS = {"linear": LoRALinear, "conv1d": LoRALinear, "embedding": LoRAEmbedding, "conv": LoRAConv,
-          "mha": LoRAMultiheadAttention, "nf4": LoRALinear}
+LAYERS = (LoRALinearNF4, LoRAConv1D, LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention)  # first match wins
+
+
+def layer_class(module: nn.Module) -> type[LoRALayer] | None:
+    """The LoRA layer class that wraps `module` (the first in LAYERS that accepts it), or None."""
+    return next((cls for cls in LAYERS if cls.accepts(module)), None)
+
+
+def _check_combination(adapters: Iterable[str], configs: dict[str, LoRAConfig]) -> None:
+    if len(adapters := list(adapters)) > 1 and (dora := [a for a in adapters if configs[a].use_dora]):
+        raise ValueError(f"adapters {dora} use DoRA, whose magnitude rescales the whole adapted weight: it cannot be "
+                         f"summed with others ({adapters}); use it alone")
 
 
 # ─── adding and freezing ──────────────────────────────────────────────────────────────────────────────────────
@@ -542,6 +811,11 @@ LAYERS = {"linear": LoRALinear, "conv1d": LoRALinear, "embedding": LoRAEmbedding
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """(qualified name, layer) for every LoRA layer in the model, in module order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    return list(dict.fromkeys(a for _, layer in lora_layers(model) for a in layer.configs))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -561,7 +835,7 @@ def _select(model: nn.Module, patterns, what: str) -> list[str]:
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{what} must be a non-empty name or a non-empty list of them, got {patterns!r}")
     names = [n for n, _ in model.named_modules() if n]
-    wrappable = [n for n, m in model.named_modules() if _kind(m) or isinstance(m, LoRALayer)]
+    wrappable = [n for n, m in model.named_modules() if layer_class(m) or isinstance(m, LoRALayer)]
     for p in patterns:
         if not any(_matches(n, p) for n in names):
             raise ValueError(f"{what} {p!r} matches no module; the layers lora.py can wrap are: {wrappable}")
@@ -578,28 +852,38 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _check_target(model: nn.Module, name: str, owners: dict, use_dora: bool, why: str = "") -> None:
-    """Raise unless module `name` of the model can be wrapped so that the adapter counts and merges exactly."""
+def check_target(model: nn.Module, name: str, use_dora: bool = False, adapter: str = DEFAULT, why: str = "",
+                 owners: dict | None = None) -> None:
+    """Raise unless module `name` of the model can take adapter `adapter` so that it counts and merges exactly:
+    a layer lora.py wraps, or a LoRA layer without that adapter."""
     modules = dict(model.named_modules())
     if not name:
         raise ValueError(f"the model itself is a {type(model).__name__}: add_lora wraps layers inside a model; "
                          "wrap this one with LoRALinear(layer, r) (or LoRAEmbedding), or put it in an nn.Sequential")
     module, parent = modules[name], modules[name.rpartition(".")[0]]
     label = f"module {name!r}{why}"
-    if isinstance(parent, nn.MultiheadAttention):
+    if isinstance(parent, (nn.MultiheadAttention, LoRAMultiheadAttention)):
         raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
                         f"would ignore an adapter there; target the attention itself ({name.rpartition('.')[0]!r}): "
                         "lora.py adapts its in_proj and out_proj together")
-    _check_base(module, name=label, use_dora=use_dora)
-    if len(tied := [n for n in owners.get(id(_weight(module)), []) if n != name]):
+    if isinstance(module, LoRALayer):
+        if adapter in module.configs:
+            check_base(module, name=label)  # raises: already carries LoRA
+        if use_dora:
+            _check_dora(type(module), module, label)
+        return
+    check_base(module, name=label, use_dora=use_dora)
+    owners = _owners(model) if owners is None else owners
+    if len(tied := [n for n in owners.get(id(layer_class(module).weight_of(module)), []) if n != name]):
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
 
 
-def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str | Iterable[str] | None = None,
-             dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
-             use_dora: bool = False, adapter_dtype: torch.dtype | None = None) -> list[str]:
+def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
+             targets: str | Iterable[str] | None = None, dropout: float = 0.0, init: str = "kaiming",
+             use_rslora: bool = False, use_dora: bool = False, adapter_dtype: torch.dtype | None = None, *,
+             adapter: str = DEFAULT, config: LoRAConfig | None = None) -> list[str]:
     """Wrap the target layers in place (freezing their weights); return the wrapped names in module order.
 
     Args:
@@ -616,27 +900,36 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
         use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
         use_dora: DoRA (nn.Linear only).
         adapter_dtype: dtype of the adapters; None: float32 on a float16/bfloat16 base, else the base's dtype.
+        adapter: the adapter's name. The model's first adapter is active and trains; a later one (PEFT's
+            add_adapter) is added beside the others, inactive and frozen, until set_adapter picks it.
+        config: a LoRAConfig instead of r ... adapter_dtype.
     """
-    _check_hparams(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+    config = config or LoRAConfig(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+    _check_adapter_name(adapter)
     modules = dict(model.named_modules())
-    if any(isinstance(m, LoRALayer) for m in modules.values()) and targets is None:
-        raise ValueError("model already carries LoRA layers; add_lora(targets=None) would stack a second adapter "
-                         f"on them: {[n for n, _ in lora_layers(model)]}; name the new layers in targets")
+    layers = dict(lora_layers(model))
+    if targets is None and any(adapter in layer.configs for layer in layers.values()):
+        raise ValueError(f"model already carries LoRA layers with adapter {adapter!r}; add_lora(targets=None) would "
+                         f"stack a second adapter on them: {list(layers)}; name the new layers in targets, or pass "
+                         "adapter='another_name' for a second adapter")
     owners = _owners(model)
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
         output = get_out() if callable(get_out) else None
         names, left_out = [], {}
         for n, m in modules.items():
-            kind, cls = _kind(m), type(m).__name__
-            why = (f"{cls} with groups > 1" if kind == "conv" and m.groups > 1 else
-                   f"{cls} with kdim or vdim" if kind == "mha" and not m._qkv_same_embed_dim else
-                   f"{cls} (use_dora=True)" if use_dora and kind not in (None, "linear", "embedding") else
+            if any(n.startswith(f"{lay}.") for lay in layers):  # inside a LoRA layer: its adapters, its out_proj
+                continue
+            kind = type(m) if isinstance(m, LoRALayer) else layer_class(m)
+            base, cls = (m.base_skeleton if isinstance(m, LoRALayer) else m), type(m).__name__
+            why = (f"{cls} with groups > 1" if kind is LoRAConv and base.groups > 1 else
+                   f"{cls} with kdim or vdim" if kind is LoRAMultiheadAttention and not base._qkv_same_embed_dim else
+                   f"{cls} (use_dora=True)" if config.use_dora and kind not in (None, LoRALinear, LoRAEmbedding) else
                    cls if kind is None and not m._modules and any(
                        p is not None and p.dim() > 1 for p in m._parameters.values()) else None)
             if why:
                 left_out[why] = left_out.get(why, 0) + 1
-            elif kind not in (None, "embedding") and m is not output and \
+            elif kind not in (None, LoRAEmbedding) and m is not output and \
                     not isinstance(modules[n.rpartition(".")[0]], nn.MultiheadAttention):  # its out_proj: with it
                 names.append(n)
         if left_out:
@@ -645,13 +938,13 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: str 
         if not names:
             raise ValueError(f"model ({type(model).__name__}) has no layer that targets=None takes; {SUPPORTED}")
         for n in names:
-            _check_target(model, n, owners, use_dora)
+            check_target(model, n, config.use_dora, adapter, owners=owners)
     else:
         names = _select(model, targets, "target")
         for n in names:
-            _check_target(model, n, owners, use_dora, why=" (matched by targets)")
+            check_target(model, n, config.use_dora, adapter, why=" (matched by targets)", owners=owners)
     for n in names:  # all checks passed: now change the model
-        _wrap(model, n, modules[n], r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        wrap(model, n, config, adapter)
     if _warn_if_mostly_trainable not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_warn_if_mostly_trainable)
     return names
@@ -670,8 +963,22 @@ def _warn_if_mostly_trainable(model: nn.Module, args) -> None:
                           "[...] for a new head), unless you mean to train them all", stacklevel=5)
 
 
-def _wrap(model: nn.Module, name: str, module: nn.Module, *args) -> LoRALayer:
-    layer = LAYERS[_kind(module)](module, *args)
+def wrap(model: nn.Module, name: str, config: LoRAConfig, adapter: str = DEFAULT) -> LoRALayer:
+    """Wrap module `name` (its exact qualified name) with adapter `adapter`, or add that adapter to the LoRA layer
+    there; returns the layer. The model's first adapter is active and trains; a later one is added inactive and
+    frozen (as PEFT's add_adapter). It checks only what the layer checks: call check_target first (add_lora does)."""
+    module, others = model.get_submodule(name), [a for a in adapter_names(model) if a != adapter]
+    if isinstance(module, LoRALayer):
+        module.add_adapter(adapter, config)
+        layer = module
+    else:
+        layer = layer_class(module)(module, config=config, adapter=adapter)
+    for part in [m for m in layer.modules() if isinstance(m, LoRALayer)] if others else []:
+        part.active = next(lora_layers(model))[1].active
+        for p in part.adapter_tensors(adapter).values():
+            p.requires_grad_(False)
+    if layer is module:
+        return layer
     parent = model.get_submodule(name.rpartition(".")[0])
     if isinstance(parent, nn.TransformerEncoderLayer):  # its eval fast path would read W directly, skipping us
         _switch_off(parent, "activation_relu_or_gelu", 0)  # the slow path uses parent.activation: same function
@@ -688,29 +995,44 @@ def _switch_off(module: nn.Module, flag: str, value) -> None:
     setattr(module, flag, value)
 
 
+def _adapter_list(model: nn.Module, adapters, what: str = "adapter") -> list[str]:
+    """A name or a list of names, each one of the model's adapters."""
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    have = adapter_names(model)
+    if not names or len(set(names)) < len(names) or (unknown := [a for a in names if a not in have]):
+        raise ValueError(f"{what} must be one of the model's adapters {have} or a list of distinct ones, got "
+                         f"{adapters!r}")
+    return names
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
-                                modules_to_save: str | Iterable[str] | None = None) -> None:
+                                modules_to_save: str | Iterable[str] | None = None,
+                                adapters: str | Iterable[str] | None = None) -> None:
     """Freeze every parameter except the adapters' (and biases: "all" of them, or "lora_only"), and except
     the modules in `modules_to_save` (PEFT's name), which train in full: a new task's head, new embeddings.
-    They are given by name as add_lora's targets; lora_state_dict saves them."""
+    They are given by name as add_lora's targets; lora_state_dict saves them. `adapters`: the adapters that
+    train, None for the active ones (a mixed batch trains several: name them)."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    layers = list(lora_layers(model))
+    chosen = None if adapters is None else _adapter_list(model, adapters, "adapters")
     full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
     if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
         raise ValueError(f"modules_to_save {lora} carry LoRA: a layer is either adapted or trained in full; name it "
                          "in add_lora's targets or in modules_to_save, not both")
     for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_NAMES or
-                         (bias == "all" and name.rsplit(".", 1)[-1] == "bias"))
-    if bias == "lora_only":
-        for _, layer in lora_layers(model):
-            if layer.bias is not None:
-                layer.bias.requires_grad_(True)
+        p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+    for _, layer in layers:
+        for a in (layer._active() if chosen is None else [a for a in chosen if a in layer.configs]):
+            for p in layer.adapter_tensors(a).values():
+                p.requires_grad_(True)
+        if bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
     for n in full:
         model.get_submodule(n).requires_grad_(True)
 
 
-def _trained_biases(model: nn.Module) -> list[str]:
+def trained_biases(model: nn.Module) -> list[str]:
     """The biases that train while the rest of their module, adapters aside, is frozen: those that
     mark_only_lora_as_trainable(bias="all" | "lora_only") left trainable. A module trained in full is not here."""
     names = []
@@ -734,15 +1056,93 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
+# ─── several adapters ─────────────────────────────────────────────────────────────────────────────────────────
+
+def _model_configs(model: nn.Module) -> dict[str, LoRAConfig]:
+    return {a: c for _, layer in lora_layers(model) for a, c in layer.configs.items()}
+
+
+def set_adapter(model: nn.Module, adapter: str | Iterable[str]) -> None:
+    """Make `adapter` (a name, or a list whose updates are summed, as PEFT) the active one(s) on every layer; they
+    train, the others are frozen (as PEFT's set_adapter)."""
+    names = _adapter_list(model, adapter)
+    _check_combination(names, _model_configs(model))
+    layers = list(lora_layers(model))
+    if merged := [n for n, layer in layers if layer.merged]:
+        raise RuntimeError(f"layers {merged} are merged with their active adapters: unmerge() them first")
+    for _, layer in layers:
+        layer.active = tuple(names)
+        for a in layer.configs:
+            for p in layer.adapter_tensors(a).values():
+                p.requires_grad_(a in names)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove adapter `adapter` from every layer; a layer left without adapters gives back its base module. If it
+    was active, the other active ones stay (none: the model computes the base model's output)."""
+    _adapter_list(model, adapter)
+    layers = list(lora_layers(model))
+    if merged := [n for n, layer in layers if layer.merged and adapter in layer.merged_adapters]:
+        raise RuntimeError(f"adapter {adapter!r} is merged into layers {merged}: unmerge() them first")
+    for name, layer in layers:
+        if adapter in layer.configs:
+            layer.delete_adapter(adapter)
+        if not layer.configs:
+            _set_submodule(model, name, layer.unwrapped())
+    if not any(True for _ in lora_layers(model)):
+        _restore_fast_paths(model)
+
+
+@contextlib.contextmanager
+def adapter_per_example(model: nn.Module, names: Iterable[str | None], batch_dim: int = 0):
+    """Inside: example i of the batch goes through adapter names[i] alone (None: the base model), for inference and
+    training; each adapter's gradient is the one its own examples give. Args: names, one per example; batch_dim:
+    the inputs' batch dimension (1 for nn.TransformerEncoder without batch_first). Linear layers stack the
+    adapters' A and B into one product while their ranks sum to at most STACK_MAX_RANK; beyond, and in other
+    layers, each adapter's examples are a sub-batch. DoRA adapters are refused (their norm is per adapter)."""
+    names = list(names)
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layers: call lora.add_lora first")
+    configs = _model_configs(model)
+    if not names or (unknown := sorted({a for a in names if a is not None and a not in configs})):
+        raise ValueError(f"names must hold one adapter name (or None, the base model) per example; the model's "
+                         f"adapters are {list(configs)}, got {names if not names else unknown}")
+    if dora := sorted({a for a in names if a is not None and configs[a].use_dora}):
+        raise ValueError(f"adapters {dora} use DoRA, whose weight norm belongs to the whole batch's adapter: run "
+                         "their examples as a batch of their own after set_adapter")
+    if any(layer.merged for layer in layers) or any(layer.per_example is not None for layer in layers):
+        raise RuntimeError("adapter_per_example needs unmerged layers, outside another adapter_per_example")
+    rows = {a: [i for i, n in enumerate(names) if n == a] for a in dict.fromkeys(names) if a is not None}
+    try:
+        for layer in layers:
+            device = layer.weight.device
+            layer.per_example = (batch_dim, len(names), {a: torch.tensor(r, device=device) for a, r in rows.items()
+                                                         if a in layer.configs})
+        yield model
+    finally:
+        for layer in layers:
+            layer.per_example = None
+
+
 # ─── saving and loading ───────────────────────────────────────────────────────────────────────────────────────
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _one_adapter(model: nn.Module, adapter: str | None) -> str:
+    names = adapter_names(model)
+    if adapter is None and len(names) == 1:
+        return names[0]
+    if adapter not in names:
+        raise ValueError(f"adapter must name one of the model's adapters {names}, got {adapter!r}")
+    return adapter
+
+
+def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor that fine-tuning trained, and what load_lora_state_dict needs to rebuild the wrapping.
 
     Tensors only, so torch.load(weights_only=True) and safetensors both carry it:
-    - each LoRA layer's `<path>.lora_A`, `<path>.lora_B` (and DoRA's `<path>.lora_magnitude`), whose shapes
-      give r and whose dtype is the adapter dtype, and 0-dim `<path>.lora_alpha`, `<path>.lora_use_rslora`,
-      `<path>.lora_dropout`;
+    - each LoRA layer's `<path>.lora_A`, `<path>.lora_B` (and DoRA's `<path>.lora_magnitude`) of `adapter`
+      (None: the model's only adapter), named so whatever its name, whose shapes give r and whose dtype is the
+      adapter dtype, and 0-dim `<path>.lora_alpha`, `<path>.lora_use_rslora`, `<path>.lora_dropout`;
     - every other parameter that requires grad under its state_dict name (trained biases, the modules of
       mark_only_lora_as_trainable(modules_to_save=...)), with the buffers of modules that train in full.
     ValueError if the model has no LoRA layers.
@@ -750,17 +1150,26 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to save: call lora.add_lora first")
+    adapter = _one_adapter(model, adapter)
     trained = {id(p) for p in model.parameters() if p.requires_grad}
-    full = [n for n, m in model.named_modules() if not isinstance(m, LoRALayer) and
+    adapters = {id(p) for _, layer in layers for a in layer.configs for p in layer.adapter_tensors(a).values()}
+    keys = {id(p): f"{n}.{k}" for n, layer in layers if adapter in layer.configs
+            for k, p in layer.adapter_tensors(adapter).items()}
+    full = [n for n, m in model.named_modules() if not isinstance(m, (LoRALayer, _Adapter)) and
             (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)]
     buffers = {f"{n}.{b}" if n else b for n in full for b, _ in model.get_submodule(n).named_buffers(recurse=False)}
-    adapters = {f"{n}.{p}" for n, layer in layers for p in ADAPTER_NAMES if hasattr(layer, p)}
-    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
-             if k in adapters or k in buffers or id(v) in trained}
+    state = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in keys:
+            state[keys[id(v)]] = v.detach()
+        elif id(v) not in adapters and (k in buffers or id(v) in trained):
+            state[k] = v.detach()
     for name, layer in layers:
-        state[f"{name}.lora_alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
-        state[f"{name}.lora_use_rslora"] = torch.tensor(layer.use_rslora)
-        state[f"{name}.lora_dropout"] = torch.tensor(layer.dropout, dtype=torch.float64)
+        if adapter in layer.configs:
+            c = layer.configs[adapter]
+            state[f"{name}.lora_alpha"] = torch.tensor(c.alpha, dtype=torch.float64)
+            state[f"{name}.lora_use_rslora"] = torch.tensor(c.use_rslora)
+            state[f"{name}.lora_dropout"] = torch.tensor(c.dropout, dtype=torch.float64)
     return state
 
 
@@ -786,25 +1195,28 @@ def _layer_settings(got: dict) -> dict:
 
 
 @torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Load what lora_state_dict saved; returns the LoRA layers' names.
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter: str = DEFAULT) -> list[str]:
+    """Load what lora_state_dict saved as adapter `adapter`; returns the LoRA layers' names.
 
-    Into a model never wrapped, it wraps the saved layers itself with their saved settings; into a wrapped model,
-    its LoRA layers must be the saved ones. Keys, then shapes, then settings are checked before anything
-    changes; a mismatch raises, saying which and how to fix it. Files from older lora.py versions (no
-    `lora_dropout`) load into a model wrapped by hand with the same add_lora call.
+    Into a model without that adapter, it wraps the saved layers itself (or adds the adapter to LoRA layers) with
+    their saved settings, as add_lora would (a later adapter is inactive and frozen). Into a model with it, its
+    layers must be the saved ones. Keys, then shapes, then settings are checked before anything changes; a mismatch
+    raises, saying which and how to fix it. Files from older lora.py versions (no `lora_dropout`) load into a
+    model wrapped by hand with the same add_lora call.
     """
-    saved = _saved_layers(state_dict)
-    own = dict(lora_layers(model))
+    _check_adapter_name(adapter)
+    saved, first = _saved_layers(state_dict), not adapter_names(model)
+    own = {n: layer for n, layer in lora_layers(model) if adapter in layer.configs}
     modules = dict(model.named_modules())
     if not saved:
         raise KeyError("the state_dict holds no lora_A / lora_B tensors: it is not an adapter from lora_state_dict")
-    tops = [p for p in saved if not (p.rpartition(".")[0] in saved and  # an attention's out_proj comes with it
-                                     _kind(modules.get(p.rpartition(".")[0])) == "mha")]
+    tops = [p for p in saved if not (p.rpartition(".")[0] in saved and isinstance(  # an out_proj comes with it
+        modules.get(p.rpartition(".")[0]), (nn.MultiheadAttention, LoRAMultiheadAttention)))]
     if own and set(own) != set(saved):
         raise KeyError(f"the model's LoRA layers are not the adapter's: the model lacks {sorted(set(saved) - set(own))}"
                        f", the adapter lacks {sorted(set(own) - set(saved))} (was add_lora called with the same "
                        "targets?) Or load into a model without LoRA, which is then wrapped as the adapter was.")
+    configs = {}
     if not own:
         if old := [p for p, got in saved.items() if "lora_dropout" not in got]:
             raise ValueError(f"layers {old} were saved by an older lora.py that did not record dropout: call "
@@ -814,12 +1226,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                            "trained on")
         owners = _owners(model)
         for path, got in saved.items():
-            if path in tops:
-                _check_target(model, path, owners, "lora_magnitude" in got, why=" (in the adapter)")
             s = _layer_settings(got)
+            if path in tops:
+                check_target(model, path, s["use_dora"], adapter, why=" (in the adapter)", owners=owners)
             try:
-                _check_hparams(s["r"], s["alpha"], s["dropout"], "kaiming", s["use_rslora"], s["use_dora"],
-                               s["adapter_dtype"])
+                configs[path] = LoRAConfig(**s)
             except ValueError as e:
                 raise ValueError(f"layer {path!r} of the adapter: {e}") from None
     others = {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in ADAPTER_NAMES + SETTINGS}
@@ -828,23 +1239,22 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         raise KeyError(f"adapter state_dict does not fit this model: unexpected keys {unexpected}; load it into the "
                        "model it was trained on")
     for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
-        r = own[path].r if own else got["lora_A"].shape[0]
-        want = dict(zip(("lora_A", "lora_B"), (tuple(own[path].lora_A.shape), tuple(own[path].lora_B.shape)) if own else
-                        _shapes(modules[path], r)))
+        m = own.get(path, modules[path])
+        r = own[path].configs[adapter].r if own else got["lora_A"].shape[0]
+        kind = type(m) if isinstance(m, LoRALayer) else layer_class(m)
+        want = dict(zip(("lora_A", "lora_B"), kind.shapes(m, r)))
         want["lora_magnitude"] = want["lora_B"][:1]
-        for k in ADAPTER_NAMES:
-            if k in got and tuple(got[k].shape) != tuple(want[k]):
-                raise ValueError(f"layer {path!r}: the adapter's {k} has shape {tuple(got[k].shape)}, but this "
-                                 f"layer at r={r} needs {want[k]} (the adapter has r="
-                                 f"{got['lora_A'].shape[0]}: add_lora with that r, or load into a model without LoRA)")
-    for k, v in others.items():
-        if v.shape != params[k].shape:
-            raise ValueError(f"shape mismatch for {k!r}: state_dict has {tuple(v.shape)}, "
-                             f"model has {tuple(params[k].shape)}")
+        if bad := [k for k in ADAPTER_NAMES if k in got and tuple(got[k].shape) != tuple(want[k])]:
+            raise ValueError(f"layer {path!r}: the adapter's {bad[0]} has shape {tuple(got[bad[0]].shape)}, but this "
+                             f"layer at r={r} needs {want[bad[0]]} (the adapter has r={got['lora_A'].shape[0]}: "
+                             "add_lora with that r, or load into a model without LoRA)")
+    if bad := [k for k, v in others.items() if v.shape != params[k].shape]:
+        raise ValueError(f"shape mismatch for {bad[0]!r}: state_dict has {tuple(others[bad[0]].shape)}, "
+                         f"model has {tuple(params[bad[0]].shape)}")
     for path, layer in own.items():  # then settings
-        got = _layer_settings(saved[path])
-        have = dict(r=layer.r, alpha=layer.alpha, use_rslora=layer.use_rslora, use_dora=layer.use_dora,
-                    adapter_dtype=layer.lora_A.dtype, dropout=layer.dropout)
+        got, c = _layer_settings(saved[path]), layer.configs[adapter]
+        have = dict(dataclasses.asdict(c), use_dora=c.use_dora, adapter_dtype=layer.adapter_tensors(adapter)[
+            "lora_A"].dtype)
         if diff := {k: (got[k], have[k]) for k in got if got[k] is not None and got[k] != have[k]}:
             raise ValueError(f"layer {path!r}: the adapter was saved with {({k: v[0] for k, v in diff.items()})}, "
                              f"this layer has {({k: v[1] for k, v in diff.items()})}: call add_lora with the "
@@ -854,16 +1264,13 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
 
     if not own:  # all checks passed: now change the model, and let train what trained
         for path in (n for n in modules if n in tops):
-            s = _layer_settings(saved[path])
-            _wrap(model, path, modules[path], s["r"], s["alpha"], s["dropout"], "kaiming", s["use_rslora"],
-                  s["use_dora"], s["adapter_dtype"])
-        own = dict(lora_layers(model))
-        for n, p in model.named_parameters():
+            wrap(model, path, configs[path], adapter)
+        own = {n: layer for n, layer in lora_layers(model) if adapter in layer.configs}
+        for n, p in model.named_parameters() if first else ():
             p.requires_grad_(n.rpartition(".")[2] in ADAPTER_NAMES or n in others)
     for path, got in saved.items():
-        for k in ADAPTER_NAMES:
-            if k in got:
-                getattr(own[path], k).copy_(got[k])
+        for k, t in own[path].adapter_tensors(adapter).items():
+            t.copy_(got[k])
     for k, v in others.items():
         params[k].copy_(v)
     return list(own)
@@ -871,35 +1278,33 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
 
 # ─── merging ──────────────────────────────────────────────────────────────────────────────────────────────────
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by the module it wrapped (its class and settings), holding the adapted weight,
-    merged in place (no second copy of W); returns the model. Every layer is checked before any is changed, so a
-    diverged adapter leaves the model as it was. The weights must be whole tensors: under FSDP2, merge an
-    unsharded copy loaded from a full state dict. (merge states the rounding.) Merge before Hugging Face's
-    save_pretrained: it saves W and drops the adapters.
+def merge_lora(model: nn.Module, adapter: str | Iterable[str] | None = None) -> nn.Module:
+    """Replace every LoRA layer by the module it wrapped (its class and settings), holding the weight adapted by
+    `adapter` (a name or a list, summed; None: the active adapters), merged in place (no second copy of W); the
+    other adapters are dropped; returns the model. Every layer is checked before any is changed, so a diverged
+    adapter leaves the model as it was. The weights must be whole tensors: under FSDP2, merge an unsharded copy
+    loaded from a full state dict. (merge states the rounding.) Merge before Hugging Face's save_pretrained: it
+    saves W and drops the adapters.
     """
+    chosen = None if adapter is None else tuple(_adapter_list(model, adapter))
+    if chosen is not None:
+        _check_combination(chosen, _model_configs(model))
     layers = list(lora_layers(model))
     for name, layer in layers:
         try:
-            layer.merged_weight()
+            layer.merged_weight(chosen)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
-    with torch.no_grad():
-        for name, layer in layers:
-            if layer.kind == "nf4":  # a plain nn.Linear: dequantized W + ΔW, never the W before quantization
-                base = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-                base.weight, base.bias = nn.Parameter(layer._fold()[0], requires_grad=False), layer.bias
-            else:
-                if not layer.merged:
-                    layer.weight.copy_(layer._fold()[0])
-                base = copy.copy(layer.base_skeleton)
-                base._parameters = {n: layer._parameters.get(n) for n in base._parameters}
-                base._modules = {n: getattr(layer, n) for n in base._modules}  # an attention's out_proj: next
-            base.train(layer.training)
-            _set_submodule(model, name, base)
-    for m in model.modules():  # no adapter remains: PyTorch's fast path again, where _wrap switched it off
-        m.__dict__.update(m.__dict__.pop("lora_fast_path_flags", {}))
+    for name, layer in layers:
+        _set_submodule(model, name, layer.merged_module(chosen))
+    _restore_fast_paths(model)
     return model
+
+
+def _restore_fast_paths(model: nn.Module) -> None:
+    """No adapter remains: PyTorch's fast path again, where wrap switched it off."""
+    for m in model.modules():
+        m.__dict__.update(m.__dict__.pop("lora_fast_path_flags", {}))
 
 
 # ─── switching off ────────────────────────────────────────────────────────────────────────────────────────────

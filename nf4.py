@@ -335,7 +335,9 @@ def quantize_model(model: nn.Module, targets: str | Iterable[str] | None = None,
 
     targets=None takes every nn.Linear but the output head, which stays in full precision as in QLoRA: the module
     model.get_output_embeddings() returns where the model has that method (transformers' language models), else
-    any whose last name is in HEADS ("lm_head", "classifier", "score", "head"). Linears inside an
+    any whose last name is in HEADS ("lm_head", "classifier", "score", "head"); where neither names a head, the
+    module that holds the model's last parameter, if it is an nn.Linear (as transformers' bitsandbytes
+    integration keeps it), with a warning naming it. Linears inside an
     nn.MultiheadAttention or nn.TransformerEncoderLayer are left alone with a warning (those read their weights
     directly). Else `targets` is a name or a list, each an exact qualified name, its dotted end or a glob, as
     lora.add_lora's; every one must match something, and all they match must be a plain nn.Linear.
@@ -348,6 +350,12 @@ def quantize_model(model: nn.Module, targets: str | Iterable[str] | None = None,
         head = _head(model)
         names = [n for n, m in modules.items() if type(m) is nn.Linear and m is not head
                  and n.rpartition(".")[2] not in HEADS]
+        last = next(reversed([n for n, _ in model.named_parameters()]), "").rpartition(".")[0]
+        if head is None and not any(n.rpartition(".")[2] in HEADS for n in modules) and last in names:
+            warnings.warn(f"quantize_model keeps {last!r} in full precision: the model names no output head "
+                          f"(get_output_embeddings() or a name in {HEADS}), so, as transformers does, it keeps the "
+                          "module of the last parameter; name it in targets to quantize it too", stacklevel=2)
+            names.remove(last)
         if skipped := [n for n in names if isinstance(parents[n], reads_weight)]:
             warnings.warn(f"quantize_model leaves {skipped} alone: their parent reads their weight directly",
                           stacklevel=2)

@@ -35,6 +35,8 @@ SHAPES = {
     "63 values: one short block, an odd count (a padding nibble)": (7, 9),
     "77000 values: 1203 whole blocks and one of 8": (1000, 77),
     "a single value": (1, 1),
+    "12288 values: 192 whole blocks, rows of 96 (not a multiple of the block)": (128, 96),
+    "10240 values: 160 whole blocks, rows of 160": (64, 160),
 }
 NO_BNB = "bitsandbytes is not installed (a test-only dependency: pip install -r requirements.txt); " \
          "the bit-for-bit comparisons with it are skipped"
@@ -42,18 +44,20 @@ NO_BNB = "bitsandbytes is not installed (a test-only dependency: pip install -r 
 
 @pytest.fixture
 def bnb():
-    """bitsandbytes.functional, its CPU quantize_blockwise pointed at its own torch kernel (see the docstring)."""
+    """bitsandbytes.functional, its CPU quantize_blockwise and dequantize_4bit pointed at its own torch kernels
+    (see the docstring), whose semantics are its CUDA kernels'."""
     pytest.importorskip("bitsandbytes", reason=NO_BNB)
     import bitsandbytes.functional as BF
-    op = torch.ops.bitsandbytes.quantize_blockwise.default
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd"):
-        pytest.skip("this bitsandbytes has no torch kernel for quantize_blockwise to compare with")
+    ops = {name: getattr(torch.ops.bitsandbytes, name).default for name in ("quantize_blockwise", "dequantize_4bit")}
+    for name, op in ops.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd"):
+            pytest.skip(f"this bitsandbytes has no torch kernel for {name} to compare with")
     torch_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     lib = torch.library.Library("bitsandbytes", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose, undone below
-        lib.impl("quantize_blockwise", lambda A, code, blocksize: op.redispatch(torch_kernel, A, code, blocksize),
-                 "CPU")
+        for name, op in ops.items():
+            lib.impl(name, lambda *args, op=op: op.redispatch(torch_kernel, *args), "CPU")
     BF.name2qmap.pop("dynamic", None)  # its cached 8-bit map, rebuilt fresh
     yield BF
     lib._destroy()  # the native kernel again
@@ -137,6 +141,22 @@ def test_native_cpu_kernel_is_not_always_nearest():
     assert torch.equal(distance.gather(1, q.absmax.long()[:, None]).view(-1), best), "nf4.py: not the nearest"
     native = distance.gather(1, state.absmax.long()[:, None]).view(-1)
     assert 0 < (native > best).sum() < 0.01 * len(best), "the native kernel's misses were expected rare, not none"
+
+
+def test_native_cpu_dequantize_treats_blocks_per_row():
+    """Why the comparisons also use bitsandbytes' torch kernel for dequantize_4bit: its native CPU kernel takes
+    the blocks row by row, so where a row is not a multiple of the block it dequantizes with the wrong scales (its
+    torch and CUDA kernels take the flattened weight's blocks, as nf4.py and quantize_4bit do)."""
+    pytest.importorskip("bitsandbytes", reason=NO_BNB)
+    import bitsandbytes.functional as BF
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        pytest.skip("bitsandbytes' native CPU library is not loaded: its torch kernels run, which nf4.py matches")
+    for shape, differs in (((128, 96), True), ((128, 64), False)):
+        w = weight(shape, torch.float32)
+        packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        ours = nf4.dequantize_nf4(nf4.quantize_nf4(w, double_quant=False))
+        assert (not torch.equal(BF.dequantize_4bit(packed, state), ours)) == differs, shape
 
 
 # ─── the codebooks and the round trip, torch alone ────────────────────────────────────────────────────────────
@@ -354,12 +374,25 @@ def test_quantize_model_refuses_what_it_cannot_do_before_changing_anything():
 
 
 def test_quantize_model_leaves_multihead_attention_alone_with_a_warning():
-    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 32))
-    with pytest.warns(UserWarning, match="reads their weight directly"):
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 32),
+                          nn.Linear(32, 2))  # the last: kept in full precision (see below)
+    with pytest.warns(UserWarning, match="reads their weight directly"), pytest.warns(UserWarning, match="keeps '2'"):
         names = nf4.quantize_model(model)
     assert names == ["1"]
     with pytest.raises(TypeError, match="reads its weight"):
         nf4.quantize_model(model, targets="0.linear1")
+
+
+def test_quantize_model_keeps_the_last_module_where_no_head_is_named_and_says_so():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.warns(UserWarning, match="keeps '4' in full precision: the model names no output head"):
+        assert nf4.quantize_model(model) == ["0", "2"]
+    assert type(model[4]) is nn.Linear
+    ends_in_a_norm = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16))  # as BertModel without its pooler
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nf4.quantize_model(ends_in_a_norm) == ["0"]
+        assert nf4.quantize_model(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 3)), targets=["0", "1"]) == ["0", "1"]
 
 
 def test_nf4_py_imports_torch_and_the_standard_library_only():
