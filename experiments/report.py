@@ -138,6 +138,11 @@ def interval(mean: float, low: float, high: float) -> str:
     return f"{100 * mean:+.2f} ({100 * low:+.2f} to {100 * high:+.2f})"
 
 
+def points(share: float) -> str:
+    """A margin as the README says it: "±0.5 points", "±1 point"."""
+    return f"±{100 * share:g} point{'' if 100 * share == 1 else 's'}"
+
+
 def cell_word(v, sensitive=False) -> str:
     """A verdict as a table cell: "below, within ±0.5", "not distinguishable (borderline)", with "; rate-sensitive"
     where the runner-up rate gives another verdict; "" for none (NaN read back from a CSV)."""

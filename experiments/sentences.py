@@ -18,12 +18,17 @@ def verdict_phrase(v: str, baseline: str) -> str:
     if word == "not distinguishable":
         phrase = f"is not distinguishable from {baseline}"
     elif word.startswith("within"):
-        phrase = f"is {word} points of {baseline}"
+        phrase = f"is {word} {unit(word)} of {baseline}"
     elif within:
-        phrase = f"is {side} {baseline} but {within} points of it"
+        phrase = f"is {side} {baseline} but {within} {unit(within)} of it"
     else:
         phrase = f"is {side} {baseline}"
     return phrase + (" (borderline)" if borderline else "")
+
+
+def unit(within: str) -> str:
+    """"point" after "within ±1", else "points"."""
+    return "point" if within.endswith("±1") else "points"
 
 
 def verdict_lines(results: pd.DataFrame, show_targets: bool = True) -> str:

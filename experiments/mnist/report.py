@@ -46,7 +46,7 @@ def readme_block(exp, results: pd.DataFrame, config: dict, runner_up: pd.DataFra
         f"every method {c['finetune_epochs']} epochs at batch size {c['batch_size']} with Adam (warmup, cosine "
         f"schedule, gradient norm clipped at 1), after {c['pretrain_epochs']} epochs of pretraining on 0-4, which "
         f"reach {results['acc_A_pretrained_mean'].iloc[0]:.3f} on the 0-4 test set (mean over seeds); learning "
-        f"rates chosen on {c['tune_seeds']} tuning seeds; \"within\" means within ±{100 * exp.cfg.margin:g} points. "
+        f"rates chosen on {c['tune_seeds']} tuning seeds; \"within\" means within {report.points(exp.cfg.margin)}. "
         f"Made on {report.machine(env)}."
         "\n\n"
         + sentences.findings(results, exp.cfg.model != "mlp")
