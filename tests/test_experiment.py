@@ -149,12 +149,12 @@ def test_smoke_the_whole_pipeline_trains_and_writes_every_file(quick_run):
     assert out.summary == out.root / "results.csv" and out.per_seed == out.root / "results" / "mlp_per_seed.csv"
     assert not list(out.root.rglob(".*.tmp"))
     saved = pd.read_csv(out.summary)
-    assert list(saved.columns) == ["method", "rank", "targets", "dora", "alpha", "trainable_params",
-                                   "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full", "diff_vs_full",
-                                   "diff_vs_full_low", "diff_vs_full_high", "p_vs_full", "p_match_vs_full",
-                                   "verdict_vs_full", "diff_vs_lora", "diff_vs_lora_low", "diff_vs_lora_high",
-                                   "p_vs_lora", "p_match_vs_lora", "verdict_vs_lora", "acc_A_after_mean", "acc_A_pretrained_mean", "diverged_mean", "seeds", "epochs",
-                                   "batch_size", "lr"]
+    family = lambda a: [f"diff_{a}", f"diff_{a}_low", f"diff_{a}_high", f"p_{a}", f"p_match_{a}", f"floor_{a}",
+                        f"verdict_{a}", f"rate_sensitive_{a}"]
+    assert list(saved.columns) == ["method", "rank", "targets", "dora", "nf4", "alpha", "trainable_params",
+                                   "pct_params_vs_full", "acc_B_mean", "acc_B_std", "pct_acc_vs_full",
+                                   *family("vs_full"), *family("vs_lora"), "acc_A_after_mean", "acc_A_pretrained_mean",
+                                   "diverged_mean", "seeds", "epochs", "batch_size", "lr", "lr_runner_up"]
     config = json.loads(out.config.read_text())
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
     assert config["environment"]["torch"] == torch.__version__

@@ -150,7 +150,7 @@ def test_text_csv_has_one_row_per_task_and_method_and_the_readme_block_comes_fro
     block = table.readme_block(root)
     for _, r in combined.iterrows():
         assert f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}" in block
-    assert "**Rotten Tomatoes** (" in block and "Holm-corrected" in block and "at this budget" in block
+    assert "**Rotten Tomatoes** (" in block and "simultaneous intervals" in block and "at this budget" in block
 
 
 def test_an_interrupted_sweep_resumes_from_the_cache(quick_run, tmp_path, monkeypatch):

@@ -52,6 +52,8 @@ class Config:
         return cls.transformer() if model == "transformer" else cls()
 
     def __post_init__(self):
+        if self.model not in models.MODELS:
+            raise ValueError(f"model must be one of {models.MODELS}, got {self.model!r}")
         for name in ("seeds", "batch_size", "pretrain_epochs", "finetune_epochs", "tune_seeds", "val_size"):
             check_positive_int(name, getattr(self, name))
         check_ranks_and_grid(self.ranks, self.lr_grid)
@@ -61,8 +63,6 @@ class Config:
             raise ValueError(f"margin must be a share of accuracy in (0, 1), got {self.margin!r}")
         if self.train_subset is not None:
             check_positive_int("train_subset", self.train_subset)
-        if self.model not in models.MODELS:
-            raise ValueError(f"model must be one of {models.MODELS}, got {self.model!r}")
         allowed = tuple(models.TARGET_SETS[self.model])
         if not self.target_sets or not set(self.target_sets) <= set(allowed):
             raise ValueError(f"target_sets for the {self.model} must be some of {allowed}, got {self.target_sets!r}")
