@@ -73,14 +73,18 @@ def summarize(per_seed: pd.DataFrame, methods: list[Method], metric: str, margin
 
 
 def runner_up_rows(per_seed: pd.DataFrame, summarize) -> pd.DataFrame:
-    """The summary rows of the methods that have a runner-up rate, each at that rate: `summarize` (an
-    experiment's, taking a per-seed table) on the reported runs with every runner-up's runs in place of its
-    chosen ones. Empty where no method has a runner-up."""
+    """The summary row of each method that has a runner-up rate, at that rate: `summarize` (an experiment's,
+    taking a per-seed table) on the reported runs with that one method's runner-up runs in place of its chosen
+    ones, every other method at its chosen rate. Empty where no method has a runner-up."""
     if "runner_up" not in per_seed or not per_seed["runner_up"].astype(bool).any():
         return pd.DataFrame()
     alt = per_seed["runner_up"].astype(bool)
-    swapped = per_seed[~per_seed["method"].isin(per_seed.loc[alt, "method"]) | alt].assign(runner_up=False)
-    return summarize(swapped).loc[lambda d: d["method"].isin(per_seed.loc[alt, "method"])].reset_index(drop=True)
+    rows = []
+    for method in per_seed.loc[alt, "method"].drop_duplicates():
+        mine = per_seed["method"] == method
+        swapped = per_seed[(mine & alt) | (~mine & ~alt)].assign(runner_up=False)
+        rows.append(summarize(swapped).loc[lambda d: d["method"] == method])
+    return pd.concat(rows, ignore_index=True)
 
 
 def column_names(against: str) -> dict[str, str]:
