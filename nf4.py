@@ -6,8 +6,9 @@ base weights in 4 bits and trains LoRA adapters in 16 or 32 bits on top. This fi
 bitsandbytes does (the same bytes, the same scales, the same dequantized values: tests/test_nf4.py checks each).
 
 The 16 values (paper, section 3, "4-bit NormalFloat")
-    Pretrained weights are close to normal, so the 16 levels are quantiles of N(0, 1): equal probability mass
-    between neighbours, the most levels where the most weights are. Symmetric quantiles would have no exact zero
+    Pretrained weights are close to normal, so the 16 levels are quantiles of N(0, 1): the most levels where the
+    most weights are, with equal probability mass between neighbours within each half (8 levels above 0 and 7 below
+    share the same range of p, so the gaps hold 0.0585 and 0.0668). Symmetric quantiles would have no exact zero
     (16 is even), yet zero must stay zero (padding, pruned weights), so the two halves are built apart:
 
         8 positive:  Φ⁻¹(p) for p = 8 evenly spaced points from 0.9677083 down to (not including) 0.5

@@ -301,3 +301,37 @@ def test_the_qlora_notebook_runs_top_to_bottom_and_the_committed_one_ran_in_orde
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(storage.ROOT)}}).execute()
     assert (tmp_path / "results" / "nf4_codebook.png").is_file()
+
+
+def test_the_qlora_notebooks_prose_numbers_are_its_outputs():
+    """Every number the committed notebook's text (and nf4.py's docstring) states is one a cell printed."""
+    import re
+    import nbformat
+    from experiments import storage
+    cells = nbformat.read(storage.ROOT / "lora_qlora.ipynb", as_version=4).cells
+    prose = " ".join(" ".join(c.source for c in cells if c.cell_type == "markdown").split())
+    printed = "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.outputs)
+    source = "".join(c.source for c in cells if c.cell_type == "code")
+    found = lambda pattern: re.search(pattern, printed)
+    tail = float(found(r"Φ⁻¹\(offset\) = ([\d.]+)")[1])
+    assert f"\\Phi^{{-1}}(0.9677083) \\approx {tail:.3f}" in prose and f"±1 at {tail:.3f}σ" in prose
+    designed = found(r"designed for ([\d.]+)")[1]
+    assert f"1/{tail:.3f} = {designed}" in prose
+    above, below = found(r"mass per gap ([\d.]+) above 0, ([\d.]+) below").groups()
+    assert f"the gaps hold {above} and {below}" in " ".join((storage.ROOT / "nf4.py").read_text().split())
+    outlier, scales = found(r"largest \|w\| / std: (\d+)")[1], found(r"\+ ([\d,]+) float32 scales")[1]
+    assert f"about {outlier} standard deviations out" in prose
+    assert f"the {scales.replace(',', '')} absmax values" in prose
+    saved_bits = found(r"double quantization saves ([\d.]+) bits")[1]
+    assert f"saves about {saved_bits[:4]} bits per weight" in prose
+    assert found(r"33 of the 36 dequantized") and "Three of the 36 are not kept" in prose
+    batch = re.search(r"tokens = torch.randint\(1000, 5000, \((\d+), (\d+)\)\)", source)
+    assert f"One step at batch {batch[1]} × {batch[2]} tokens" in prose
+    assert float(found(r"trainable%: ([\d.]+)")[1]) < 1 and "under 1% of the parameters" in prose
+    table_bits = re.search(r"^64\s+[\d.]+\s+[\d.]+%\s+([\d.]+)", printed, re.MULTILINE)[1]
+    matrix_bits = found(r"double_quant=True : ([\d.]+) bits")[1]
+    model_bits = found(r"MiB in NF4, ([\d.]+) bits per weight")[1]
+    assert f"{table_bits} (section 7" in prose and f"{matrix_bits} (one 384 × 384" in prose
+    assert f"{model_bits} (all 36 linears" in prose and f"section 6's {matrix_bits} includes it" in prose
+    bench = (storage.ROOT / "bench" / "RESULTS.md").read_text().split("### QLoRA: the LoRA step over an NF4 base")[1]
+    assert "d_in = d_out = 4096, 4096 tokens, bf16 compute" in bench and "(one 4096 × 4096 layer, 4096 tokens, bf16" in prose
