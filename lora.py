@@ -434,9 +434,8 @@ class LoRALayer(nn.Module):
             out = out.index_add(dim, rows, self._delta(x.index_select(dim, rows), a).to(out.dtype))
         return out.to(h.dtype)
 
-    # -- saving: a merged layer's state_dict says so --
-    # A merged layer's state_dict holds W + ΔW beside lora_A and lora_B. It says so (`lora_merged`, and DoRA's
-    # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice.
+    # -- saving: a merged layer's state_dict holds W + ΔW beside lora_A and lora_B, says so (`lora_merged`, DoRA's
+    # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice --
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
@@ -463,14 +462,13 @@ class LoRALayer(nn.Module):
         unexpected_keys[:] = [k for k in unexpected_keys if k not in flags]
         if loads_weight and len(error_msgs) == errors_before:
             self.merged, self.merged_adapters = merged, self._active() if merged else ()
-            self.merged_norm = (state_dict[flags[1]].to(self.weight.device, self._precise())
-                                if merged and dora else None)
+            self.merged_norm = state_dict[flags[1]].to(self.weight.device, self._precise()) if merged and dora else None
 
     def extra_repr(self) -> str:
         a = (self._active() or tuple(self.configs))[0]  # the adapter whose settings `config` gives
         c, dtype = self.configs[a], self.adapter_tensors(a)["lora_A"].dtype
         dtype = "" if dtype == self.weight.dtype else f"adapter_dtype={dtype}, "
-        names = "" if list(self.configs) == [DEFAULT] else f"adapters={list(self.configs)}, active={list(self.active)}, "
+        names = f"adapters={list(self.configs)}, active={list(self.active)}, " if set(self.configs) != {DEFAULT} else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={c.r}, "
                 f"alpha={c.alpha:g}, scaling={c.scaling:g}, dropout={c.dropout:g}, {dtype}{names}"
                 f"{'use_dora=True, ' if c.use_dora else ''}merged={self.merged}")
@@ -821,11 +819,10 @@ def check_target(model: nn.Module, name: str, use_dora: bool = False, adapter: s
                  owners: dict | None = None) -> None:
     """Raise unless module `name` of the model can take adapter `adapter` so that it counts and merges exactly:
     a layer lora.py wraps, or a LoRA layer without that adapter."""
-    modules = dict(model.named_modules())
     if not name:
         raise ValueError(f"the model itself is a {type(model).__name__}: add_lora wraps layers inside a model; "
                          "wrap this one with LoRALinear(layer, r) (or LoRAEmbedding), or put it in an nn.Sequential")
-    module, parent = modules[name], modules[name.rpartition(".")[0]]
+    module, parent = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0])
     label = f"module {name!r}{why}"
     if isinstance(parent, (nn.MultiheadAttention, LoRAMultiheadAttention)):
         raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
@@ -838,8 +835,7 @@ def check_target(model: nn.Module, name: str, use_dora: bool = False, adapter: s
             _check_dora(type(module), module, label)
         return
     check_base(module, name=label, use_dora=use_dora)
-    owners = _owners(model) if owners is None else owners
-    if len(tied := [n for n in owners.get(id(layer_class(module).weight_of(module)), []) if n != name]):
+    if tied := [n for n in (owners or _owners(model)).get(id(layer_class(module).weight_of(module)), []) if n != name]:
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
@@ -1082,15 +1078,6 @@ def adapter_per_example(model: nn.Module, names: Iterable[str | None], batch_dim
 
 # ─── saving and loading ───────────────────────────────────────────────────────────────────────────────────────
 
-def _one_adapter(model: nn.Module, adapter: str | None) -> str:
-    names = adapter_names(model)
-    if adapter is None and len(names) == 1:
-        return names[0]
-    if adapter not in names:
-        raise ValueError(f"adapter must name one of the model's adapters {names}, got {adapter!r}")
-    return adapter
-
-
 def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor that fine-tuning trained, and what load_lora_state_dict needs to rebuild the wrapping.
 
@@ -1105,7 +1092,10 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, t
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to save: call lora.add_lora first")
-    adapter = _one_adapter(model, adapter)
+    names = adapter_names(model)
+    adapter = names[0] if adapter is None and len(names) == 1 else adapter  # None: the model's only adapter
+    if adapter not in names:
+        raise ValueError(f"adapter must name one of the model's adapters {names}, got {adapter!r}")
     trained = {id(p) for p in model.parameters() if p.requires_grad}
     adapters = {id(p) for _, layer in layers for a in layer.configs for p in layer.adapter_tensors(a).values()}
     keys = {id(p): f"{n}.{k}" for n, layer in layers if adapter in layer.configs
