@@ -10,14 +10,15 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         │                                    + ──► h
         └──► dropout ──► A ──► B ──► · alpha/r
 
-What it wraps: each layer kind is a class (LAYERS: the first that accepts a module wraps it) whose docstring says
-what it accepts and refuses: LoRALinear (nn.Linear and subclasses that keep its forward), LoRAConv1D (GPT-2's
-Conv1D), LoRALinearNF4 (nf4.py's 4-bit LinearNF4, QLoRA), LoRAEmbedding, LoRAConv (nn.Conv1d/2d/3d) and
-LoRAMultiheadAttention (in_proj and out_proj, as PEFT). add_lora(targets=None) takes every one of them but embeddings
-and the output embedding (PEFT's "all-linear"), warning which kinds it left out. Refused, each saying what to do
-instead: a tied weight, forward hooks or an instance forward, a parametrized weight, the model itself, a second
-adapter of the same name, DoRA on anything but nn.Linear; every check runs before anything changes. Wrapping a layer
-of an nn.TransformerEncoderLayer switches its eval fast path off (it reads the weights itself); merge_lora, on again.
+What it wraps: each layer kind is a class (LAYERS: the first that accepts a module wraps it) that owns what
+differs: LoRALinear (nn.Linear and subclasses that keep its forward), LoRAConv1D (GPT-2's Conv1D), LoRALinearNF4
+(nf4.py's 4-bit LinearNF4, QLoRA), LoRAEmbedding, LoRAConv (nn.Conv1d/2d/3d) and LoRAMultiheadAttention (in_proj and
+out_proj, as PEFT). add_lora(targets=None) takes every one of them but embeddings and the output embedding (PEFT's
+"all-linear"), warning which kinds it left out. Refused, each saying what to do instead: a tied weight, forward hooks
+or an instance forward, a parametrized weight, a subclass with its own forward, the model itself, a second adapter
+of the same name, DoRA on anything but nn.Linear, a grouped convolution, an embedding with max_norm or sparse, an
+attention with kdim/vdim or its out_proj alone; every check runs before anything changes. Wrapping a layer of an
+nn.TransformerEncoderLayer switches its eval fast path off (it reads the weights itself); merge_lora, on again.
 
 Guarantees:
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) as nn.Linear, PEFT and loralib ("gaussian": N(0, 1/r)); B = 0
@@ -215,7 +216,7 @@ class LoRALayer(nn.Module):
         self.add_adapter(adapter, config, stacklevel=4)
 
     def _take_base(self, base: nn.Module) -> None:
-        """Hold the base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no memory."""
+        """Hold the base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, same memory."""
         for n, p in base._parameters.items():
             setattr(self, n, p if p is None else p.requires_grad_(False))
 
@@ -871,7 +872,7 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
         output = get_out() if callable(get_out) else None
-        names, left_out = [], {}
+        names, left_out, why_checked = [], {}, ""
         for n, m in modules.items():
             if any(n.startswith(f"{lay}.") for lay in layers):  # inside a LoRA layer: its adapters, its out_proj
                 continue
@@ -893,9 +894,9 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
         if not names:
             raise ValueError(f"model ({type(model).__name__}) has no layer that targets=None takes; {SUPPORTED}")
     else:
-        names = _select(model, targets, "target")
+        names, why_checked = _select(model, targets, "target"), " (matched by targets)"
     for n in names:
-        check_target(model, n, config.use_dora, adapter, why=targets and " (matched by targets)" or "", owners=owners)
+        check_target(model, n, config.use_dora, adapter, why=why_checked, owners=owners)
     for n in names:  # all checks passed: now change the model
         wrap(model, n, config, adapter)
     if _warn_if_mostly_trainable not in model._forward_pre_hooks.values():
@@ -966,7 +967,6 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
     train, None for the active ones (a mixed batch trains several: name them)."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
-    layers = list(lora_layers(model))
     chosen = None if adapters is None else _adapter_list(model, adapters, "adapters")
     full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
     if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
@@ -974,7 +974,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
                          "in add_lora's targets or in modules_to_save, not both")
     for name, p in model.named_parameters():
         p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
-    for _, layer in layers:
+    for _, layer in lora_layers(model):
         for a in (layer._active() if chosen is None else [a for a in chosen if a in layer.configs]):
             for p in layer.adapter_tensors(a).values():
                 p.requires_grad_(True)
@@ -1253,10 +1253,9 @@ def _restore_fast_paths(model: nn.Module) -> None:
 def disable_lora(model: nn.Module):
     """Inside: the model computes the base model's output: exactly on unmerged layers; merged layers are
     unmerged in place (up to merge's rounding) and merged again on exit. On exit: as before."""
-    layers = [layer for _, layer in lora_layers(model)]
-    state = [(layer, layer.enabled, layer.merged) for layer in layers]
+    state = [(layer, layer.enabled, layer.merged) for _, layer in lora_layers(model)]
     try:
-        for layer in layers:
+        for layer, _, _ in state:
             layer.unmerge()
             layer.enabled = False
         yield model
