@@ -10,22 +10,15 @@ freezes a pretrained weight W and learns a low-rank update beside it:
         │                                    + ──► h
         └──► dropout ──► A ──► B ──► · alpha/r
 
-What it wraps (add_lora's `targets`, by name; targets=None takes every nn.Linear, Conv1D, convolution and
-nn.MultiheadAttention but the output embedding, as PEFT's "all-linear" and the convolutions too, and warns naming the
-kinds it left out). Each kind is a class (LAYERS, the first that accepts a module wraps it) that owns what differs:
-- LoRALinear: nn.Linear and subclasses that keep its forward (one with its own forward, a quantized layer say, is
-  refused: its output is not F.linear of its .weight). LoRAConv1D: transformers' Conv1D (GPT-2), W stored (in, out).
-- LoRALinearNF4: nf4.py's LinearNF4 (QLoRA); the base term is its own output; merge() is refused (ΔW would be
-  rounded to 4 bits), merge_lora gives an nn.Linear holding the dequantized W + ΔW.
-- LoRAEmbedding, as PEFT: A (r, num_embeddings), B (dim, r); the padding row stays W's; max_norm, sparse refused.
-- LoRAConv (nn.Conv1d/2d/3d), as PEFT: A a convolution like the base's with r channels, B a 1×1 one; groups > 1
-  refused (W cannot hold a dense ΔW).
-- LoRAMultiheadAttention, as PEFT: A (r, E), B (3E, r) over the packed in_proj_weight, and out_proj a LoRALinear;
-  forward runs the module's own with W + ΔW, so every path sees the update. out_proj alone, kdim/vdim refused.
-- In an nn.TransformerEncoderLayer, whose eval fast path reads the weights itself, wrapping switches that path off
-  (and its encoder's nested tensors); merge_lora switches it back on.
-- Refused, each saying what to do instead: a tied weight, forward hooks or an instance forward, a parametrized
-  weight, the model itself, DoRA on anything but nn.Linear. Every check runs before anything changes.
+What it wraps: each layer kind is a class (LAYERS: the first that accepts a module wraps it) that owns what
+differs: LoRALinear (nn.Linear and subclasses that keep its forward), LoRAConv1D (GPT-2's Conv1D), LoRALinearNF4
+(nf4.py's 4-bit LinearNF4, QLoRA), LoRAEmbedding, LoRAConv (nn.Conv1d/2d/3d) and LoRAMultiheadAttention (in_proj and
+out_proj, as PEFT). add_lora(targets=None) takes every one of them but embeddings and the output embedding (PEFT's
+"all-linear"), warning which kinds it left out. Refused, each saying what to do instead: a tied weight, forward hooks
+or an instance forward, a parametrized weight, a subclass with its own forward, the model itself, a second adapter
+of the same name, DoRA on anything but nn.Linear, a grouped convolution, an embedding with max_norm or sparse, an
+attention with kdim/vdim or its out_proj alone; every check runs before anything changes. Wrapping a layer of an
+nn.TransformerEncoderLayer switches its eval fast path off (it reads the weights itself); merge_lora, on again.
 
 Guarantees:
 - Initialisation: A ~ kaiming_uniform(a=sqrt(5)) as nn.Linear, PEFT and loralib ("gaussian": N(0, 1/r)); B = 0
@@ -38,10 +31,9 @@ Guarantees:
   (out,), the norm a constant in backward (section 4.3), as PEFT.
 - Names: `<path>.weight` and `<path>.bias` stay the base's own tensors, so a checkpoint saved before add_lora loads
   after it; the first adapter ("default") adds `<path>.lora_A`, `<path>.lora_B` (DoRA: `<path>.lora_magnitude`).
-- Several adapters, PEFT's vocabulary: add_lora(..., adapter="b") adds one beside the others, inactive and frozen;
-  set_adapter(model, "b") or a list (their updates summed) picks what runs and trains; delete_adapter; state dicts
-  and merge_lora per adapter. adapter_per_example(model, names) runs a batch in which example i uses adapter
-  names[i] (None: the base), in one pass where the adapters' ranks are small, in sub-batches beyond.
+- Several adapters, PEFT's vocabulary: add_lora(..., adapter="b"), set_adapter (a list sums them), delete_adapter,
+  state dicts and merges per adapter; adapter_per_example(model, names) runs a batch in which example i uses
+  adapter names[i] (None: the base).
 - merge() folds the update into W in place, unmerge() takes it out up to rounding; merge_lora gives back the
   original module types. lora_state_dict holds tensors only (torch.load(weights_only=True), safetensors);
   load_lora_state_dict wraps a fresh model itself. PEFT's files: lora_peft.py beside this file.
@@ -59,6 +51,7 @@ import contextlib
 import copy
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import math
 import numbers
@@ -84,17 +77,17 @@ SUPPORTED = ("lora.py wraps nn.Linear, transformers' Conv1D, nn.Embedding, nn.Co
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """The settings of one adapter, checked once here; see LoRALinear's Args. alpha None becomes r."""
-    r: int
-    alpha: float | None = None
-    dropout: float = 0.0
-    init: str = "kaiming"
-    use_rslora: bool = False
-    use_dora: bool = False
-    adapter_dtype: torch.dtype | None = None
+    """The settings of one adapter, checked once here (paper sections cited); the layers and add_lora take them."""
+    r: int  # the rank of B A (section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv)
+    alpha: float | None = None  # scaling = alpha / r; None: alpha = r, scaling 1 (PEFT's default is alpha = 8)
+    dropout: float = 0.0  # on the adapter's input only, as the paper's code (GPT-2: 0.1); embeddings: not applied
+    init: str = "kaiming"  # A as nn.Linear's weight, or "gaussian": A ~ N(0, 1/r); B = 0 either way (section 4.1)
+    use_rslora: bool = False  # scale by alpha / sqrt(r) (rsLoRA, arXiv:2312.03732) instead of alpha / r
+    use_dora: bool = False  # DoRA's magnitude and direction (arXiv:2402.09353); nn.Linear only
+    adapter_dtype: torch.dtype | None = None  # of A, B (and m); None: float32 on a float16/bfloat16 base, else W's
 
     def __post_init__(self):
-        r, alpha, dropout = self.r, self.alpha, self.dropout
+        r, alpha, dropout, dtype = self.r, self.alpha, self.dropout, self.adapter_dtype
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
@@ -107,9 +100,8 @@ class LoRAConfig:
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.adapter_dtype is not None and not (isinstance(self.adapter_dtype, torch.dtype)
-                                                   and self.adapter_dtype.is_floating_point):
-            raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {self.adapter_dtype!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"adapter_dtype must be None or a floating torch.dtype, got {dtype!r}")
         object.__setattr__(self, "r", int(r))
         object.__setattr__(self, "alpha", float(r if alpha is None else alpha))
         object.__setattr__(self, "dropout", float(dropout))
@@ -172,7 +164,7 @@ class LoRALayer(nn.Module):
     """What every LoRA layer shares: its adapters (settings, A, B), merging, the mixed batch and the state dict.
     A subclass owns one kind of layer: which module it `accepts` and why it refuses one (`check`), the adapter
     `shapes`, the base term `_base(x)`, one adapter's update `_delta(x, adapter)` (scaling · B A dropout(x)) and
-    what merge_lora gives back (`merged_module`). See LoRALinear for the Args."""
+    what merge_lora gives back (`merged_module`). Args: see LoRALinear."""
 
     torch_bases: tuple = ()  # the torch classes it wraps (and subclasses of them that keep their forward)
     kind = None  # a short name for reprs and messages
@@ -199,8 +191,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, r: int | None = None, alpha: float | None = None, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, use_dora: bool = False,
-                 adapter_dtype: torch.dtype | None = None, *, config: LoRAConfig | None = None,
-                 adapter: str = DEFAULT):
+                 adapter_dtype: torch.dtype | None = None, *, config: LoRAConfig | None = None, adapter: str = DEFAULT):
         super().__init__()
         config = config or LoRAConfig(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
         _check_adapter_name(adapter)
@@ -225,8 +216,7 @@ class LoRALayer(nn.Module):
         self.add_adapter(adapter, config, stacklevel=4)
 
     def _take_base(self, base: nn.Module) -> None:
-        """Hold the base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, no extra
-        memory."""
+        """Hold the base's own Parameters (weight, bias; in_proj_weight, ...), not copies: same names, same memory."""
         for n, p in base._parameters.items():
             setattr(self, n, p if p is None else p.requires_grad_(False))
 
@@ -244,16 +234,13 @@ class LoRALayer(nn.Module):
             warnings.warn(f"r={config.r} exceeds min(in_features, out_features) = min({self.in_features}, "
                           f"{self.out_features}): B A has rank at most {most}, so the extra parameters add no "
                           "expressiveness", stacklevel=stacklevel)
-        dtype = config.adapter_dtype  # None: float32 adapters on a half-precision base, as PEFT (module docstring)
-        if dtype is None:
-            dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)  # then float32 adapters, as PEFT
+        dtype = config.adapter_dtype or (torch.float32 if half else self.weight.dtype)
         a_shape, b_shape = self.shapes(self, config.r)
-        if adapter == DEFAULT:
-            slot = self
-        else:
-            if "lora_adapters" not in self._modules:
-                self.lora_adapters = nn.ModuleDict()
-            slot = self.lora_adapters[adapter] = _Adapter()
+        if adapter != DEFAULT:
+            self.lora_adapters = self._modules.get("lora_adapters") or nn.ModuleDict()
+            self.lora_adapters[adapter] = _Adapter()
+        slot = self if adapter == DEFAULT else self.lora_adapters[adapter]
         slot.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=dtype))  # (r, in)
         slot.lora_B = nn.Parameter(torch.zeros(b_shape, device=self.weight.device, dtype=dtype))  # (out, r)
         self.configs[adapter] = config
@@ -305,11 +292,8 @@ class LoRALayer(nn.Module):
 
     def _precise(self, adapter: str | None = None) -> torch.dtype:
         """float32, or wider if W or the adapter is: the dtype of merges and of DoRA's norm."""
-        names = [adapter] if adapter else list(self.configs)
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        for a in names:
-            dtype = torch.promote_types(dtype, self.adapter_tensors(a)["lora_A"].dtype)
-        return dtype
+        dtypes = [self.adapter_tensors(a)["lora_A"].dtype for a in ([adapter] if adapter else self.configs)]
+        return functools.reduce(torch.promote_types, dtypes, torch.promote_types(self.weight.dtype, torch.float32))
 
     def _check_not_training_merged(self) -> None:
         if self.merged and self.training and torch.is_grad_enabled() and \
@@ -344,8 +328,7 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def _fold(self, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the weight merge() writes, in W's dtype; DoRA's norm it divides by, else None); ValueError if it
-        is not finite."""
+        """(the weight merge() writes, in W's dtype; DoRA's norm it divides by, else None); ValueError if not finite."""
         dtensor = sys.modules.get("torch.distributed.tensor")  # loaded wherever a tensor can be a DTensor
         if dtensor is not None and isinstance(self.weight, dtensor.DTensor):
             raise ValueError("the weight is sharded (a DTensor, e.g. under FSDP2's fully_shard), and a layer merged "
@@ -378,11 +361,11 @@ class LoRALayer(nn.Module):
             return self.weight.detach().clone()
         return self._fold(adapters)[0]
 
+    @torch.no_grad()
     def merged_module(self, adapters: tuple[str, ...] | None = None) -> nn.Module:
         """What merge_lora puts in this layer's place: the base module, its weight now W + ΔW (in place)."""
         if not self.merged:
-            with torch.no_grad():
-                self.weight.copy_(self.merged_weight(adapters))
+            self.weight.copy_(self.merged_weight(adapters))
         return self.unwrapped()
 
     def unwrapped(self) -> nn.Module:
@@ -429,8 +412,7 @@ class LoRALayer(nn.Module):
             return self._base(x)  # merged: W holds W + ΔW; disabled: the base model
         if self.per_example is not None:
             return self._mixed_forward(x)
-        h = self._base(x)
-        out = h
+        out = h = self._base(x)
         for a in self._active():  # a float32 adapter on a half-precision base: add in float32, round once
             out = out + self._delta(x, a)
         return out.to(h.dtype)
@@ -453,9 +435,8 @@ class LoRALayer(nn.Module):
             out = out.index_add(dim, rows, self._delta(x.index_select(dim, rows), a).to(out.dtype))
         return out.to(h.dtype)
 
-    # -- saving: a merged layer's state_dict says so --
-    # A merged layer's state_dict holds W + ΔW beside lora_A and lora_B. It says so (`lora_merged`, and DoRA's
-    # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice.
+    # -- saving: a merged layer's state_dict holds W + ΔW beside lora_A and lora_B, says so (`lora_merged`, DoRA's
+    # `lora_merged_norm`), and loading adopts the merged state it finds, so ΔW is never applied twice --
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
@@ -466,9 +447,8 @@ class LoRALayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         flags = (prefix + "lora_merged", prefix + "lora_merged_norm")
-        loads_weight = prefix + "weight" in state_dict
-        merged = flags[0] in state_dict
-        dora = self.configs[self._active()[0]].use_dora if self._active() else False
+        loads_weight, merged = prefix + "weight" in state_dict, flags[0] in state_dict
+        dora = bool(self._active()) and self.configs[self._active()[0]].use_dora
         if loads_weight and merged and dora and flags[1] not in state_dict:
             error_msgs.append(f"{prefix}weight is a merged DoRA weight but {flags[1]} is missing: cannot unmerge "
                               "it (save the layer unmerged)")
@@ -483,15 +463,13 @@ class LoRALayer(nn.Module):
         unexpected_keys[:] = [k for k in unexpected_keys if k not in flags]
         if loads_weight and len(error_msgs) == errors_before:
             self.merged, self.merged_adapters = merged, self._active() if merged else ()
-            self.merged_norm = (state_dict[flags[1]].to(self.weight.device, self._precise())
-                                if merged and dora else None)
+            self.merged_norm = state_dict[flags[1]].to(self.weight.device, self._precise()) if merged and dora else None
 
     def extra_repr(self) -> str:
-        c = self.config
-        dtype = self.adapter_tensors(self._active()[0] if self._active() else next(iter(self.configs)))["lora_A"].dtype
+        a = (self._active() or tuple(self.configs))[0]  # the adapter whose settings `config` gives
+        c, dtype = self.configs[a], self.adapter_tensors(a)["lora_A"].dtype
         dtype = "" if dtype == self.weight.dtype else f"adapter_dtype={dtype}, "
-        names = f"adapters={list(self.configs)}, active={list(self.active)}, " if list(self.configs) != [DEFAULT] \
-            else ""
+        names = f"adapters={list(self.configs)}, active={list(self.active)}, " if set(self.configs) != {DEFAULT} else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={c.r}, "
                 f"alpha={c.alpha:g}, scaling={c.scaling:g}, dropout={c.dropout:g}, {dtype}{names}"
                 f"{'use_dora=True, ' if c.use_dora else ''}merged={self.merged}")
@@ -502,14 +480,8 @@ class LoRALinear(LoRALayer):
 
     Args:
         base: the nn.Linear to adapt; its weight and bias are kept (same tensors) and frozen.
-        r: the rank of the update B A (paper, section 4.1; section 7.2: a small r suffices on attention).
-        alpha: scaling = alpha / r; None means alpha = r, scaling 1 (PEFT's default is alpha = 8).
-        dropout: dropout on the adapter's input only, as in the paper's code (its GPT-2 runs use 0.1, appendix D).
-        init: "kaiming" (A uniform, as nn.Linear) or "gaussian" (A ~ N(0, 1/r)); B = 0 either way (section 4.1).
-        use_rslora: scale by alpha / sqrt(r) (rsLoRA, arXiv:2312.03732) instead of alpha / r.
-        use_dora: DoRA's magnitude and direction (arXiv:2402.09353); nn.Linear only.
-        adapter_dtype: dtype of A, B and m; None: float32 on a float16/bfloat16 base, else W's dtype.
-        config: a LoRAConfig instead of the six settings above; adapter: the adapter's name.
+        r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype: the adapter's settings, each explained at its
+            LoRAConfig field (paper sections cited); or config: a LoRAConfig. adapter: the adapter's name.
     """
     torch_bases, kind, dora = (nn.Linear,), "linear", True
 
@@ -531,15 +503,19 @@ class LoRALinear(LoRALayer):
         t, c = self.adapter_tensors(active[0]), self.configs[active[0]]
         if c.use_dora:
             return self._dora_forward(x, t, c)
-        if t["lora_A"].dtype != x.dtype or type(self) is not LoRALinear:
-            return super().forward(x)  # added in the adapter's dtype (float32 on a half base), rounded once
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        x2_drop = F.dropout(x2, c.dropout, self.training) if c.dropout > 0 else x2  # p = 0: no copy of x
+        return self._fused(x, t["lora_A"], t["lora_B"], c.scaling, c.dropout)
+
+    def _fused(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale, p: float) -> torch.Tensor:
+        """W x + b + B ((A dropout(x)) ⊙ scale): scale a number, or (..., r) columns of a mixed batch's mask."""
+        x_drop = F.dropout(x, p, self.training) if p > 0 else x  # p = 0: no copy of x
         # In place below is safe: linear's backward needs its inputs, never its output.
-        u = F.linear(x2_drop, t["lora_A"]).mul_(c.scaling)  # (N, in) @ (in, r) -> (N, r)
-        v = F.linear(u, t["lora_B"], self.bias)  # (N, r) @ (r, out) + b -> (N, out)
+        u = F.linear(x_drop.to(A.dtype), A).mul_(scale)  # (..., in) @ (in, r) -> (..., r)
+        if A.dtype != x.dtype or type(self) is not LoRALinear:
+            h = self._base(x)  # added in the adapter's dtype (float32 on a half base), rounded once
+            return (h + F.linear(u, B)).to(h.dtype)  # (..., r) @ (r, out) -> (..., out)
+        v = F.linear(u.reshape(-1, A.shape[0]), B, self.bias)  # (N, r) @ (r, out) + b -> (N, out)
         # v + x Wᵀ: the big GEMM adds v while it writes its output, so there is no extra pass over (N, out).
-        return torch.addmm(v, x2, self.weight.t()).view(*x.shape[:-1], self.out_features)
+        return torch.addmm(v, x.reshape(-1, self.in_features), self.weight.t()).view(*x.shape[:-1], self.out_features)
 
     def _dora_forward(self, x: torch.Tensor, t: dict, c: LoRAConfig) -> torch.Tensor:
         """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, through the same (x Aᵀ) Bᵀ as LoRA: no (out, in) matrix per step."""
@@ -590,13 +566,7 @@ class LoRALinear(LoRALayer):
             mask[rows, start:start + c.r] = c.scaling
             start += c.r
         mask = mask.view([x.shape[dim] if i == dim else 1 for i in range(x.dim() - 1)] + [A.shape[0]])
-        x_drop = F.dropout(x, configs[0].dropout, self.training) if configs[0].dropout > 0 else x
-        u = F.linear(x_drop.to(A.dtype), A).mul_(mask)  # (..., in) @ (in, K·r) -> (..., K·r), others' columns zeroed
-        if A.dtype != x.dtype or type(self) is not LoRALinear:
-            h = self._base(x)
-            return (h + F.linear(u, B)).to(h.dtype)  # (..., K·r) @ (K·r, out) -> (..., out)
-        v = F.linear(u.reshape(-1, A.shape[0]), B, self.bias)  # (N, K·r) @ (K·r, out) + b, as forward's one adapter
-        return torch.addmm(v, x.reshape(-1, self.in_features), self.weight.t()).view(*x.shape[:-1], self.out_features)
+        return self._fused(x, A, B, mask, configs[0].dropout)  # others' columns zeroed
 
 
 class LoRAConv1D(LoRALinear):
@@ -650,10 +620,8 @@ class LoRALinearNF4(LoRALinear):
 class LoRAEmbedding(LoRALayer):
     """nn.Embedding with a frozen table W (num_embeddings, dim) plus a trainable (alpha / r) · (B A)ᵀ, PEFT's
     convention: A (r, num_embeddings) starts at zero, B (dim, r) at N(0, 1), so the update starts at zero.
-
     Args: as LoRALinear (base an nn.Embedding); `dropout` is kept for saving but not applied (indices cannot be
-    dropped out, as in PEFT), `init` has no effect, and use_dora is refused.
-    """
+    dropped out, as in PEFT), `init` has no effect, and use_dora is refused."""
     torch_bases, kind, transposed = (nn.Embedding,), "embedding", True
     bias = None
 
@@ -769,17 +737,14 @@ class LoRAMultiheadAttention(LoRALayer):
         if a["query"].dim() != 3 or a["query"].shape[dim] != n:
             raise ValueError(f"adapter_per_example was given {n} names, but this attention's query has shape "
                              f"{tuple(a['query'].shape)} (batch_first={self.batch_first}): a batch of {n} is needed")
-        rest = torch.ones(n, dtype=torch.bool, device=a["query"].device)
-        for rows in groups.values():
-            rest[rows] = False
-        parts = [((ad,), rows) for ad, rows in groups.items()] + [((), rest.nonzero().flatten())]
+        every = torch.arange(n, device=a["query"].device)
+        rest = every[~torch.isin(every, torch.cat([every[:0], *groups.values()]))]  # the base's examples
+        parts = [((ad,), rows) for ad, rows in groups.items()] + [((), rest)]
         outs, order = [], []
         for adapters, rows in (p for p in parts if len(p[1])):  # each adapter's examples, then the base's
-            sub, picked = dict(a), {}
-            for k in ("query", "key", "value"):  # q, k, v that are one tensor stay one: its packed projection
-                if id(a[k]) not in picked:
-                    picked[id(a[k])] = a[k].index_select(dim, rows)
-                sub[k] = picked[id(a[k])]
+            qkv = {id(a[k]): a[k] for k in ("query", "key", "value")}  # q, k, v that are one tensor stay one:
+            picked = {i: t.index_select(dim, rows) for i, t in qkv.items()}  # its packed projection
+            sub = a | {k: picked[id(a[k])] for k in ("query", "key", "value")}
             if a["key_padding_mask"] is not None:
                 sub["key_padding_mask"] = a["key_padding_mask"].index_select(0, rows)
             if a["attn_mask"] is not None and a["attn_mask"].dim() == 3:  # (N · heads, L, S)
@@ -829,8 +794,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _select(model: nn.Module, patterns, what: str) -> list[str]:
-    """The module names matched by `patterns` (a name or a list of names), in module order; every pattern must
-    match something."""
+    """The module names matched by `patterns` (a name or a list of them), in module order; each must match one."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{what} must be a non-empty name or a non-empty list of them, got {patterns!r}")
@@ -856,11 +820,10 @@ def check_target(model: nn.Module, name: str, use_dora: bool = False, adapter: s
                  owners: dict | None = None) -> None:
     """Raise unless module `name` of the model can take adapter `adapter` so that it counts and merges exactly:
     a layer lora.py wraps, or a LoRA layer without that adapter."""
-    modules = dict(model.named_modules())
     if not name:
         raise ValueError(f"the model itself is a {type(model).__name__}: add_lora wraps layers inside a model; "
                          "wrap this one with LoRALinear(layer, r) (or LoRAEmbedding), or put it in an nn.Sequential")
-    module, parent = modules[name], modules[name.rpartition(".")[0]]
+    module, parent = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0])
     label = f"module {name!r}{why}"
     if isinstance(parent, (nn.MultiheadAttention, LoRAMultiheadAttention)):
         raise TypeError(f"{label} is the out_proj of an nn.MultiheadAttention, which reads its weight directly and "
@@ -873,8 +836,7 @@ def check_target(model: nn.Module, name: str, use_dora: bool = False, adapter: s
             _check_dora(type(module), module, label)
         return
     check_base(module, name=label, use_dora=use_dora)
-    owners = _owners(model) if owners is None else owners
-    if len(tied := [n for n in owners.get(id(layer_class(module).weight_of(module)), []) if n != name]):
+    if tied := [n for n in (owners or _owners(model)).get(id(layer_class(module).weight_of(module)), []) if n != name]:
         raise ValueError(f"{label} ({type(module).__name__}) shares its weight with {tied} (tied weights): merging "
                          f"would change both. Leave it out of targets, or untie it first, e.g. "
                          f"model.{name}.weight = nn.Parameter(model.{name}.weight.detach().clone())")
@@ -887,22 +849,16 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     """Wrap the target layers in place (freezing their weights); return the wrapped names in module order.
 
     Args:
-        r: the rank of each update B A (paper, section 4.1; section 7.2, Table 6: a small r suffices on Wq and Wv).
-        alpha: scaling = alpha / r (section 4.1); None means alpha = r, scaling 1. PEFT's default is alpha = 8:
-            pass alpha=8 to match a LoraConfig that does not set lora_alpha.
+        r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype: the adapter's settings, each explained at its
+            LoRAConfig field (paper sections cited); or config: a LoRAConfig. PEFT's default is alpha = 8: pass
+            alpha=8 to match a LoraConfig that does not set lora_alpha.
         targets: None takes every nn.Linear, Conv1D, nn.Conv1d/2d/3d and nn.MultiheadAttention but the module
             model.get_output_embeddings() returns (on a transformer: PEFT's target_modules="all-linear"), and warns
             naming the kinds of layer it left out. Else a name or list of names, each an exact qualified name
             ("encoder.0.query"), its dotted end as in PEFT ("query") or a glob ("layers.*.attn.q_proj"); these may
             also name nn.Embedding layers. Every target must match something, and all it matches must be wrappable.
-        dropout: dropout on the adapter's input (the paper's code); not applied to embeddings.
-        init: "kaiming" or "gaussian" initialisation of A; B starts at zero (section 4.1).
-        use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
-        use_dora: DoRA (nn.Linear only).
-        adapter_dtype: dtype of the adapters; None: float32 on a float16/bfloat16 base, else the base's dtype.
         adapter: the adapter's name. The model's first adapter is active and trains; a later one (PEFT's
             add_adapter) is added beside the others, inactive and frozen, until set_adapter picks it.
-        config: a LoRAConfig instead of r ... adapter_dtype.
     """
     config = config or LoRAConfig(r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
     _check_adapter_name(adapter)
@@ -916,7 +872,7 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     if targets is None:
         get_out = getattr(model, "get_output_embeddings", None)
         output = get_out() if callable(get_out) else None
-        names, left_out = [], {}
+        names, left_out, why_checked = [], {}, ""
         for n, m in modules.items():
             if any(n.startswith(f"{lay}.") for lay in layers):  # inside a LoRA layer: its adapters, its out_proj
                 continue
@@ -937,12 +893,10 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
                           "name one in targets to see why", stacklevel=2)
         if not names:
             raise ValueError(f"model ({type(model).__name__}) has no layer that targets=None takes; {SUPPORTED}")
-        for n in names:
-            check_target(model, n, config.use_dora, adapter, owners=owners)
     else:
-        names = _select(model, targets, "target")
-        for n in names:
-            check_target(model, n, config.use_dora, adapter, why=" (matched by targets)", owners=owners)
+        names, why_checked = _select(model, targets, "target"), " (matched by targets)"
+    for n in names:
+        check_target(model, n, config.use_dora, adapter, why=why_checked, owners=owners)
     for n in names:  # all checks passed: now change the model
         wrap(model, n, config, adapter)
     if _warn_if_mostly_trainable not in model._forward_pre_hooks.values():
@@ -968,9 +922,8 @@ def wrap(model: nn.Module, name: str, config: LoRAConfig, adapter: str = DEFAULT
     there; returns the layer. The model's first adapter is active and trains; a later one is added inactive and
     frozen (as PEFT's add_adapter). It checks only what the layer checks: call check_target first (add_lora does)."""
     module, others = model.get_submodule(name), [a for a in adapter_names(model) if a != adapter]
-    if isinstance(module, LoRALayer):
-        module.add_adapter(adapter, config)
-        layer = module
+    if isinstance(layer := module, LoRALayer):
+        layer.add_adapter(adapter, config)
     else:
         layer = layer_class(module)(module, config=config, adapter=adapter)
     for part in [m for m in layer.modules() if isinstance(m, LoRALayer)] if others else []:
@@ -1014,7 +967,6 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
     train, None for the active ones (a mixed batch trains several: name them)."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
-    layers = list(lora_layers(model))
     chosen = None if adapters is None else _adapter_list(model, adapters, "adapters")
     full = [] if modules_to_save is None else _select(model, modules_to_save, "modules_to_save")
     if lora := [n for n in full if isinstance(model.get_submodule(n), LoRALayer)]:
@@ -1022,7 +974,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
                          "in add_lora's targets or in modules_to_save, not both")
     for name, p in model.named_parameters():
         p.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
-    for _, layer in layers:
+    for _, layer in lora_layers(model):
         for a in (layer._active() if chosen is None else [a for a in chosen if a in layer.configs]):
             for p in layer.adapter_tensors(a).values():
                 p.requires_grad_(True)
@@ -1089,7 +1041,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             layer.delete_adapter(adapter)
         if not layer.configs:
             _set_submodule(model, name, layer.unwrapped())
-    if not any(True for _ in lora_layers(model)):
+    if next(lora_layers(model), None) is None:
         _restore_fast_paths(model)
 
 
@@ -1116,9 +1068,8 @@ def adapter_per_example(model: nn.Module, names: Iterable[str | None], batch_dim
     rows = {a: [i for i, n in enumerate(names) if n == a] for a in dict.fromkeys(names) if a is not None}
     try:
         for layer in layers:
-            device = layer.weight.device
-            layer.per_example = (batch_dim, len(names), {a: torch.tensor(r, device=device) for a, r in rows.items()
-                                                         if a in layer.configs})
+            layer.per_example = (batch_dim, len(names), {a: torch.tensor(r, device=layer.weight.device)
+                                                         for a, r in rows.items() if a in layer.configs})
         yield model
     finally:
         for layer in layers:
@@ -1126,15 +1077,6 @@ def adapter_per_example(model: nn.Module, names: Iterable[str | None], batch_dim
 
 
 # ─── saving and loading ───────────────────────────────────────────────────────────────────────────────────────
-
-def _one_adapter(model: nn.Module, adapter: str | None) -> str:
-    names = adapter_names(model)
-    if adapter is None and len(names) == 1:
-        return names[0]
-    if adapter not in names:
-        raise ValueError(f"adapter must name one of the model's adapters {names}, got {adapter!r}")
-    return adapter
-
 
 def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor that fine-tuning trained, and what load_lora_state_dict needs to rebuild the wrapping.
@@ -1150,7 +1092,10 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, t
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoRA layers to save: call lora.add_lora first")
-    adapter = _one_adapter(model, adapter)
+    names = adapter_names(model)
+    adapter = names[0] if adapter is None and len(names) == 1 else adapter  # None: the model's only adapter
+    if adapter not in names:
+        raise ValueError(f"adapter must name one of the model's adapters {names}, got {adapter!r}")
     trained = {id(p) for p in model.parameters() if p.requires_grad}
     adapters = {id(p) for _, layer in layers for a in layer.configs for p in layer.adapter_tensors(a).values()}
     keys = {id(p): f"{n}.{k}" for n, layer in layers if adapter in layer.configs
@@ -1164,12 +1109,10 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, t
             state[keys[id(v)]] = v.detach()
         elif id(v) not in adapters and (k in buffers or id(v) in trained):
             state[k] = v.detach()
-    for name, layer in layers:
-        if adapter in layer.configs:
-            c = layer.configs[adapter]
-            state[f"{name}.lora_alpha"] = torch.tensor(c.alpha, dtype=torch.float64)
-            state[f"{name}.lora_use_rslora"] = torch.tensor(c.use_rslora)
-            state[f"{name}.lora_dropout"] = torch.tensor(c.dropout, dtype=torch.float64)
+    for name, c in ((n, layer.configs[adapter]) for n, layer in layers if adapter in layer.configs):
+        state[f"{name}.lora_alpha"] = torch.tensor(c.alpha, dtype=torch.float64)
+        state[f"{name}.lora_use_rslora"] = torch.tensor(c.use_rslora)
+        state[f"{name}.lora_dropout"] = torch.tensor(c.dropout, dtype=torch.float64)
     return state
 
 
@@ -1241,9 +1184,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     for path, got in saved.items():  # shapes first: this layer's r if wrapped, else the adapter's
         m = own.get(path, modules[path])
         r = own[path].configs[adapter].r if own else got["lora_A"].shape[0]
-        kind = type(m) if isinstance(m, LoRALayer) else layer_class(m)
-        want = dict(zip(("lora_A", "lora_B"), kind.shapes(m, r)))
-        want["lora_magnitude"] = want["lora_B"][:1]
+        a_shape, b_shape = (type(m) if isinstance(m, LoRALayer) else layer_class(m)).shapes(m, r)
+        want = {"lora_A": a_shape, "lora_B": b_shape, "lora_magnitude": b_shape[:1]}
         if bad := [k for k in ADAPTER_NAMES if k in got and tuple(got[k].shape) != tuple(want[k])]:
             raise ValueError(f"layer {path!r}: the adapter's {bad[0]} has shape {tuple(got[bad[0]].shape)}, but this "
                              f"layer at r={r} needs {want[bad[0]]} (the adapter has r={got['lora_A'].shape[0]}: "
@@ -1253,15 +1195,13 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                          f"model has {tuple(params[bad[0]].shape)}")
     for path, layer in own.items():  # then settings
         got, c = _layer_settings(saved[path]), layer.configs[adapter]
-        have = dict(dataclasses.asdict(c), use_dora=c.use_dora, adapter_dtype=layer.adapter_tensors(adapter)[
-            "lora_A"].dtype)
+        have = dict(dataclasses.asdict(c), adapter_dtype=layer.adapter_tensors(adapter)["lora_A"].dtype)
         if diff := {k: (got[k], have[k]) for k in got if got[k] is not None and got[k] != have[k]}:
             raise ValueError(f"layer {path!r}: the adapter was saved with {({k: v[0] for k, v in diff.items()})}, "
                              f"this layer has {({k: v[1] for k, v in diff.items()})}: call add_lora with the "
                              "adapter's settings, or load into a model without LoRA")
     if merged := [n for n, layer in own.items() if layer.merged]:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}: unmerge() them first")
-
     if not own:  # all checks passed: now change the model, and let train what trained
         for path in (n for n in modules if n in tops):
             wrap(model, path, configs[path], adapter)
@@ -1313,10 +1253,9 @@ def _restore_fast_paths(model: nn.Module) -> None:
 def disable_lora(model: nn.Module):
     """Inside: the model computes the base model's output: exactly on unmerged layers; merged layers are
     unmerged in place (up to merge's rounding) and merged again on exit. On exit: as before."""
-    layers = [layer for _, layer in lora_layers(model)]
-    state = [(layer, layer.enabled, layer.merged) for layer in layers]
+    state = [(layer, layer.enabled, layer.merged) for _, layer in lora_layers(model)]
     try:
-        for layer in layers:
+        for layer, _, _ in state:
             layer.unmerge()
             layer.enabled = False
         yield model
