@@ -327,7 +327,11 @@ def test_the_qlora_notebooks_prose_numbers_are_its_outputs():
     assert found(r"33 of the 36 dequantized") and "Three of the 36 are not kept" in prose
     batch = re.search(r"tokens = torch.randint\(1000, 5000, \((\d+), (\d+)\)\)", source)
     assert f"One step at batch {batch[1]} × {batch[2]} tokens" in prose
-    assert float(found(r"trainable%: ([\d.]+)")[1]) < 1 and "under 1% of the parameters" in prose
+    assert float(found(r"4-bit ones included: ([\d.]+)%")[1]) < 1 and "under 1% of the parameters (section 8)" in prose
+    dq64, dq64_error, b256, b256_error, more = found(
+        r"blocks of 64, double quant.: ([\d.]+) bits, ([\d.]+)% error; blocks of 256, none: ([\d.]+) bits, ([\d.]+)%: "
+        r"([\d.]+) bits more").groups()
+    assert f"{dq64} against {b256}, {more} bits more, for an error of {dq64_error}% against {b256_error}%" in prose
     table_bits = re.search(r"^64\s+[\d.]+\s+[\d.]+%\s+([\d.]+)", printed, re.MULTILINE)[1]
     matrix_bits = found(r"double_quant=True : ([\d.]+) bits")[1]
     model_bits = found(r"MiB in NF4, ([\d.]+) bits per weight")[1]

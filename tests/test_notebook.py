@@ -303,28 +303,32 @@ def test_the_readme_qlora_numbers_are_the_qlora_notebooks_outputs():
     part = " ".join(readme.split("## QLoRA")[1].split("```")[0].split())
     cells = code_cells(nbformat.read(ROOT / "lora_qlora.ipynb", as_version=4))
     printed = "".join(o.get("text", "") for c in cells for o in c.outputs)
-    errors = re.search(r"all 36 linears, mean: NF4 ([\d.]+)%\s+uniform 4-bit ([\d.]+)%", printed)
-    plain = re.search(r"double_quant=False: ([\d.]+) bits per weight", printed)
+    errors = re.search(r"all 36 linears, mean: NF4 ([\d.]+)%\s+int4 ([\d.]+)%\s+16 even levels ([\d.]+)%", printed)
     sizes = re.search(r"36 linears: ([\d.]+) MiB in float32 -> ([\d.]+) MiB in NF4, ([\d.]+) bits per weight", printed)
-    sweep = re.search(r"^64\s+[\d.]+\s+([\d.]+)%\s+[\d.]+\s+([\d.]+)%$", printed, re.MULTILINE)
+    sweep = re.search(r"^64\s+([\d.]+)\s+([\d.]+)%\s+[\d.]+\s+([\d.]+)%$", printed, re.MULTILINE)
     saved = re.search(r"autograd saved ([\d.]+) MiB for backward", printed)
     saved_plain = re.search(r"plain autograd saves ([\d.]+) MiB", printed)
     batch = re.search(r"tokens = torch.randint\(1000, 5000, \((\d+), (\d+)\)\)", "".join(c.source for c in cells))
-    assert errors and plain and sizes and sweep and saved and saved_plain and batch
-    assert (f"NF4's error is {errors[1]}% of the weights' RMS against {errors[2]}% for 16 evenly spaced levels, at "
-            f"{sizes[3]} bits per weight with double quantization ({plain[1]} without), {sizes[1]} MiB of "
-            f"float32 weights in {sizes[2]} MiB; double quantization moves the error from {sweep[1]}% to "
-            f"{sweep[2]}%") in part
+    assert errors and sizes and sweep and saved and saved_plain and batch
+    assert errors[1] == sweep[2]                                    # sections 4 and 7: the same setting, the same error
+    assert (f"With blocks of 64 and no double quantization ({sweep[1]} bits per weight), NF4's error over the 36 "
+            f"linears is {errors[1]}% of the weights' RMS, against {errors[2]}% for int4 (−7…7, with a zero) and "
+            f"{errors[3]}% for 16 evenly spaced levels (no zero). Double quantization brings NF4 to {sizes[3]} bits "
+            f"per weight ({sizes[1]} MiB of float32 weights in {sizes[2]} MiB) and moves its error from {sweep[2]}% "
+            f"to {sweep[3]}%.") in part
     assert (f"at batch {batch[1]} × {batch[2]} keeps {saved[1]} MiB for backward, against {saved_plain[1]} MiB") in part
 
 
 def test_the_readmes_qlora_step_time_is_bench_results():
     readme = " ".join((ROOT / "README.md").read_text().split("## QLoRA")[1].split("##")[0].split())
     bench = (ROOT / "bench" / "RESULTS.md").read_text().split("### QLoRA: the LoRA step over an NF4 base")[1]
-    eager = next(line for line in bench.splitlines() if line.startswith("| NF4 LinearNF4 eager"))
-    ratio = eager.split("|")[4].strip().strip("*")
-    assert "NVIDIA H200" in bench.splitlines()[2] and "d_in = d_out = 4096" in bench
-    assert f"on an H200 the LoRA step over a 4096 × 4096 NF4 layer takes {ratio} the bf16 step's time" in readme
+    bench = bench.split("\n### ")[0]                                 # this section's tables only
+    rows = {line.split("|")[1].strip(): line.split("|") for line in bench.splitlines() if line.startswith("| ")}
+    ratio, peak = rows["NF4 LinearNF4 eager"][4].strip().strip("*"), rows["NF4 LinearNF4 eager"][5].strip()
+    assert "NVIDIA H200, torch 2.11" in bench.splitlines()[2] and "d_in = d_out = 4096" in bench
+    assert (f"with torch 2.11 on an H200 the LoRA step over a 4096 × 4096 NF4 layer takes {ratio} the bf16 step's "
+            f"time (a ratio of step times), its peak memory {peak} MiB against {rows['bf16 nn.Linear'][5].strip()}") in readme
+    assert "torch-only dequantize, not bitsandbytes' CUDA kernel" in readme
 
 
 def test_the_readmes_replicate_counts_are_the_recorded_replicates():
