@@ -21,23 +21,26 @@ class Method:
     rank: int | None = None      # LoRA's r
     target_set: str = "all"      # where LoRA goes: a key of TARGET_SETS
     dora: bool = False           # DoRA (Liu et al., 2024): LoRA plus a trained magnitude per output feature
+    nf4: bool = False            # QLoRA (Dettmers et al., 2023): the frozen base's linear layers stored in 4-bit NF4
     # Where an experiment has a single target set its methods are named "lora_r4", not "lora_all_r4".
     show_target_set: bool = field(default=True, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
-        if (self.kind == "lora") != (self.rank is not None) or (self.dora and self.kind != "lora"):
-            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank or DoRA; got {self!r}")
+        if (self.kind == "lora") != (self.rank is not None) or ((self.dora or self.nf4) and self.kind != "lora"):
+            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank, DoRA or an NF4 base; "
+                             f"got {self!r}")
         if self.target_set not in TARGET_SETS:
             raise ValueError(f"target_set must be one of {TARGET_SETS}, got {self.target_set!r}")
 
     @property
     def name(self) -> str:
-        """"full", "head", "lora_r4", "lora_qv_r4" or "dora_r4": file names, table rows and learning-rate keys."""
+        """"full", "head", "lora_r4", "lora_qv_r4", "dora_r4" or "qlora_qv_r8": file names, table rows and
+        learning-rate keys."""
         if self.kind != "lora":
             return self.kind
-        prefix = "dora" if self.dora else "lora"
+        prefix = "dora" if self.dora else "qlora" if self.nf4 else "lora"
         return f"{prefix}_{self.target_set}_r{self.rank}" if self.show_target_set else f"{prefix}_r{self.rank}"
 
     @property
@@ -52,7 +55,7 @@ class Method:
         it, and distinct for distinct methods."""
         if self.kind != "lora":
             return {"full": 1000, "head": 500}[self.kind]
-        return 1000 * (1 + self.rank) + 100 * TARGET_SETS.index(self.target_set) + 50 * self.dora
+        return 1000 * (1 + self.rank) + 100 * TARGET_SETS.index(self.target_set) + 50 * self.dora + 25 * self.nf4
 
 
 def check_positive_int(name: str, v) -> None:
