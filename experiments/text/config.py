@@ -49,9 +49,9 @@ class TextConfig:
     @classmethod
     def quick(cls, task: str = "rotten_tomatoes") -> "TextConfig":
         """Seconds on a CPU, every method and every file: for the tests. Not for conclusions."""
-        return cls(task=task, seeds=2, ranks=(1, 2), wide_rank=2, qlora=task == "rotten_tomatoes", epochs=2,
-                   batch_size=4, max_len=16, lr_grid=(1e-3, 1e-2), tune_seeds=1, val_size=12, test_size=12,
-                   train_size=16)
+        return cls(task=task, seeds=2, ranks=(1, 2), wide_rank=2, wide_targets=("all",),
+                   qlora=task == "rotten_tomatoes", epochs=2, batch_size=4, max_len=16, lr_grid=(1e-3, 1e-2),
+                   tune_seeds=1, val_size=12, test_size=12, train_size=16)
 
     def __post_init__(self):
         if self.task not in TASKS:

