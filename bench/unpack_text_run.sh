@@ -13,6 +13,8 @@ py=${PYTHON:-.venv/bin/python}
 tar xzf "$archive"
 echo "run cache: $(find runs/text -name '*.pt' | wc -l) finished jobs, $(du -sh runs/text | cut -f1)"
 if ls results/text_*_runs.csv >/dev/null 2>&1; then
+  # The earlier equal-budget run's per-seed files: the runs files hold every epoch's answers now.
+  rm -f results/text_*_per_seed.csv results/text_*_test_correct.csv
   $py -m experiments.text.run --reread
   $py -m experiments readme --experiment text
   echo "tables, figures and the README's text block regenerated from the records; now: git status, look at every results/text*.png"
