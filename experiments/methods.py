@@ -29,8 +29,8 @@ class Method:
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "lora") != (self.rank is not None) or ((self.dora or self.nf4) and self.kind != "lora"):
-            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank, DoRA or an NF4 base; "
-                             f"got {self!r}")
+            raise ValueError(f"a LoRA method needs a rank, and only a LoRA method has a rank or DoRA (or an NF4 "
+                             f"base); got {self!r}")
         if self.target_set not in TARGET_SETS:
             raise ValueError(f"target_set must be one of {TARGET_SETS}, got {self.target_set!r}")
 
