@@ -1,7 +1,7 @@
 # make run   set up, get the data, execute the notebooks: regenerates every results file, figure and README table
 #            (the text experiment only where a CUDA GPU is present; elsewhere its committed files are kept),
 #            then says whether the new tables are the committed ones (python -m experiments compare)
-# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 8 minutes on one H200 (bench/RESULTS.md)
+# make text  the text experiment alone (lora_text.ipynb): a GPU job, about 15-20 minutes on one H100 or H200 (bench/README.md)
 # make test  the same set-up, then the tests
 PYTHON ?= python3
 VENV   := .venv

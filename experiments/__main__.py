@@ -22,6 +22,7 @@ from . import run as driver
 from .methods import resolve_device
 from .mnist.config import Config
 from .mnist.experiment import MnistExperiment
+from .text import run as text_run
 from .text import table as text_table
 from .text.config import TASKS, TextConfig
 from .text.experiment import TextExperiment
@@ -78,10 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         report.replace_readme_block(storage.ROOT / "README.md", report.readme_markers("text"),
                                     text_table.readme_block(args.out))
         return
+    if args.experiment == "text" and args.phase == "sweep":  # the search, both budgets' sweeps and every file
+        for exp in exps:
+            text_run.run_task(exp, args.out, exp.cache, progress=True)
+        print(text_table.combine(args.out).to_string(index=False))
+        return
     for exp in exps:
         run_phase(p, args, exp)
-    if args.experiment == "text" and args.phase == "sweep":
-        print(text_table.combine(args.out).to_string(index=False))
 
 
 def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protocol.Experiment) -> None:

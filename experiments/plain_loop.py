@@ -19,20 +19,21 @@ def select_rows(x: Inputs, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def plain_fit(model: nn.Module, x: Inputs, y: torch.Tensor, seed: int, lr: float, epochs: int, batch_size: int,
               select: Callable[[Inputs, torch.Tensor], tuple[torch.Tensor, ...]] = select_rows,
-              amp_dtype: torch.dtype | None = None, fused: bool = False) -> list[float]:
+              amp_dtype: torch.dtype | None = None, fused: bool = False, linear_decay: bool = False) -> list[float]:
     """Adam over the trainable parameters, with trainer.fit's schedule (linear warmup, then cosine) and gradient
     clipping at MAX_GRAD_NORM, written with torch's own pieces (LambdaLR, clip_grad_norm_); the same data order as trainer.fit for `seed`
     (the last partial batch is dropped). Returns the training loss of every step.
 
     select(x, idx): a batch's inputs (default: the rows idx of each tensor; the text runs also trim padding).
     amp_dtype: autocast the forward pass to it (bf16 on a GPU); weights and Adam's state stay float32.
-    fused: torch's fused Adam kernel.
+    fused: torch's fused Adam kernel. linear_decay: after warmup, a straight line to 0 (trainer.lr_factor's).
     """
     n = len(y)
     steps = n // batch_size
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=lr, fused=fused or None)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, epochs * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, epochs * steps,
+                                                                             linear_decay=linear_decay))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []

@@ -27,12 +27,15 @@ def warmup_steps(total_steps: int, warmup: float = WARMUP) -> int:
     return max(1, math.ceil(warmup * total_steps))
 
 
-def lr_factor(step: int, total_steps: int, warmup: float = WARMUP) -> float:
+def lr_factor(step: int, total_steps: int, warmup: float = WARMUP, linear_decay: bool = False) -> float:
     """The schedule's multiplier of the learning rate at step `step` (0-based): (step + 1) / W for the first W
-    warmup steps (so the first step already moves), then a cosine from 1 down towards 0 over the rest."""
+    warmup steps (so the first step already moves), then a cosine from 1 down towards 0 over the rest (or, with
+    linear_decay, a straight line from 1 to 0, as Hugging Face's get_linear_schedule_with_warmup)."""
     w = warmup_steps(total_steps, warmup)
     if step < w:
         return (step + 1) / w
+    if linear_decay:
+        return 1 - (step - w) / max(1, total_steps - w)
     return (1 + math.cos(math.pi * (step - w) / max(1, total_steps - w))) / 2
 
 
@@ -96,13 +99,15 @@ class CosineAdam:
     lrs (S,) scales model s's update alone, and model s's gradient is clipped by its own norm over all its
     trainable tensors (torch.nn.utils.clip_grad_norm_'s rule), so stacking stays exact. The step count and the
     schedule live in tensors on the parameters' device, so a CUDA graph can replay `step` unchanged.
+    linear_decay: after warmup, down to 0 on a straight line instead of the cosine (lr_factor's).
     """
 
     def __init__(self, params: list[torch.Tensor], lrs: list[float], total_steps: int,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup: float = WARMUP,
-                 max_grad_norm: float | None = MAX_GRAD_NORM):
+                 max_grad_norm: float | None = MAX_GRAD_NORM, linear_decay: bool = False):
         device = params[0].device
         self.params, self.total_steps, self.betas, self.eps = params, total_steps, betas, eps
+        self.linear_decay = linear_decay
         self.warmup, self.max_grad_norm = warmup_steps(total_steps, warmup), max_grad_norm
         self.lrs = torch.tensor(lrs, dtype=torch.float64, device=device)  # (S,)
         self.m = [torch.zeros_like(p) for p in params]
@@ -121,8 +126,11 @@ class CosineAdam:
     def step(self, grads: list[torch.Tensor]) -> None:
         b1, b2 = self.betas
         w, t = self.warmup, self.t
-        cosine = (1 + torch.cos(math.pi * (t - w) / max(1, self.total_steps - w))) / 2
-        lr = self.lrs * torch.where(t < w, (t + 1) / w, cosine)  # this step's lr per model (S,): lr_factor
+        if self.linear_decay:
+            decay = 1 - (t - w) / max(1, self.total_steps - w)
+        else:  # written as before linear_decay existed, so that the cosine rounds as it did
+            decay = (1 + torch.cos(math.pi * (t - w) / max(1, self.total_steps - w))) / 2
+        lr = self.lrs * torch.where(t < w, (t + 1) / w, decay)  # this step's lr per model (S,): lr_factor
         self.t += 1
         step_size = lr / (1 - b1 ** self.t)  # (S,), float64 like torch.optim.Adam's Python floats
         root_bc2 = (1 - b2 ** self.t).sqrt()
@@ -137,7 +145,8 @@ class CosineAdam:
 def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Tensor, torch.Tensor],
         seeds: list[int], lrs: list[float], epochs: int, batch_size: int, graph: bool | None = None,
         stacked_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
-        frozen: dict[str, torch.Tensor] | None = None) -> list[list[float]]:
+        frozen: dict[str, torch.Tensor] | None = None, linear_decay: bool = False,
+        after_epoch: Callable[[int], None] | None = None) -> list[list[float]]:
     """Train the parameters that require grad in place, model s with Adam at lrs[s] (warmup, then cosine; each
     model's gradient norm clipped: CosineAdam); returns each model's mean training loss per epoch, (S, epochs).
 
@@ -146,7 +155,8 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
     stacked_forward(params, xb): logits (S, B, classes) of a model written for stacked parameters, used instead
     of vmap over `model` (whose train() is still called). frozen: the tensors (G, ...) that the models of one
     seed share (see `forward`); seeds are then G seeds repeated, learning-rate major, and each seed's batch is
-    gathered once.
+    gathered once. linear_decay: CosineAdam's. after_epoch(e) runs after epoch e (0-based), outside any CUDA
+    graph: where a caller scores every epoch of one run (the schedule never depends on it).
     """
     x, y = split
     n, S = len(y), len(seeds)
@@ -157,7 +167,7 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
         raise ValueError(f"with frozen tensors of {G} seeds, seeds must be {G} seeds repeated; got {seeds}")
     steps_per_epoch = n // batch_size  # the last partial batch is dropped
     trainable = [p for p in params.values() if p.requires_grad]
-    opt = CosineAdam(trainable, lrs, total_steps=epochs * steps_per_epoch)
+    opt = CosineAdam(trainable, lrs, total_steps=epochs * steps_per_epoch, linear_decay=linear_decay)
     idx = torch.zeros(G, batch_size, dtype=torch.long, device=y.device)  # this step's batch (G, B), filled in place
 
     def step() -> torch.Tensor:
@@ -181,6 +191,9 @@ def fit(model: nn.Module, params: dict[str, torch.Tensor], split: tuple[torch.Te
             if use_graph and e * steps_per_epoch + i == 3:  # after 3 eager steps have settled the allocations
                 run = capture(step, y.device)
             losses[e] += run()
+        if after_epoch is not None:
+            after_epoch(e)
+            model.train()
     return (losses / steps_per_epoch).T.tolist()
 
 

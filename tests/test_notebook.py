@@ -14,6 +14,7 @@ from experiments.__main__ import make_experiment
 from experiments.mnist import tasks
 from experiments.mnist.config import Config
 from experiments.mnist.report import REFERENCE
+from experiments.text import records, run, savings, table
 from experiments.text.config import TASKS, TextConfig
 
 ROOT = storage.ROOT
@@ -43,8 +44,40 @@ def test_the_notebook_runs_top_to_bottom_in_quick_mode(name, tmp_path, monkeypat
     assert [c.execution_count for c in code_cells(nb)] == list(range(1, len(code_cells(nb)) + 1))
 
 
+def test_the_text_notebook_runs_top_to_bottom_in_quick_mode_through_both_budgets_and_qlora(tmp_path, monkeypatch):
+    """The CPU dry run of the GPU job: lora_text.ipynb on the tiny config, both tasks, both budgets, QLoRA and the
+    savings; every file appears, the tables are re-read from the records, and the notebook prints the README block
+    that `python -m experiments readme --experiment text` would write from those files."""
+    monkeypatch.setenv("LORA_QUICK", "1")
+    monkeypatch.setenv("LORA_OUT_DIR", str(tmp_path))
+    monkeypatch.setenv("LORA_DEVICE", "cpu")
+    nb = nbformat.read(NOTEBOOKS["text"], as_version=4)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert [c.execution_count for c in code_cells(nb)] == list(range(1, len(code_cells(nb)) + 1))
+    for task in TASKS:
+        out = storage.Outputs(f"text_{task}", tmp_path)
+        for path in (out.lr_search, out.learning_rates, out.config, records.search_path(tmp_path, task),
+                     records.runs_path(tmp_path, task), *(records.summary_path(tmp_path, task, b) for b in records.BUDGETS),
+                     *(run.figure_path(tmp_path, task, b) for b in records.BUDGETS),
+                     tmp_path / "results" / f"text_{task}_curves.png"):
+            assert path.is_file(), path
+        assert json.loads(out.config.read_text())["config"] == json.loads(json.dumps(TextConfig.quick(task).__dict__))
+    for budget in records.BUDGETS:
+        assert table.combined_path(tmp_path, budget).is_file()
+    assert savings.path(tmp_path).is_file()
+    printed = "".join(o.get("text", "") for c in code_cells(nb) for o in c.outputs)
+    block = table.readme_block(tmp_path)
+    assert block in printed and "QLoRA on Wq, Wv, r=2" in block and "What LoRA and QLoRA save" in block
+    shown = [o.get("data", {}) for c in code_cells(nb) for o in c.outputs]
+    figures = sum("image/png" in d or "".join(d.get("text/plain", "")).startswith("<Figure") for d in shown)
+    assert figures == 4  # two tasks' curves and own-budget figures (a PNG where the kernel renders them)
+
+
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
 def test_the_committed_notebook_was_run_from_a_fresh_kernel_in_order_without_errors(name):
+    if name == "text" and not all(records.runs_path(ROOT, t).is_file() for t in TASKS):
+        pytest.skip("lora_text.ipynb is committed unexecuted until the GPU run (bench/README.md, 'The text "
+                    "experiment in pieces')")
     cells = code_cells(nbformat.read(NOTEBOOKS[name], as_version=4))
     assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]

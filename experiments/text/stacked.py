@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import BertConfig
 
 import lora
+import nf4
 
 from .model import SentimentClassifier
 
@@ -29,7 +30,9 @@ PREFIX = "encoder."  # SentimentClassifier's encoder: its parameters are "encode
 def stack_models(models: list[SentimentClassifier]) -> dict[str, torch.Tensor]:
     """One dict for S models of one method: the trainable tensors stacked (S, ...) as leaf tensors that require
     grad, the frozen ones taken once from the first model (they are the same pretrained weights in every model).
-    LoRA's scaling goes in as "lora_scaling" (a float tensor: every layer of a method has the same r and alpha)."""
+    LoRA's scaling goes in as "lora_scaling" (a float tensor: every layer of a method has the same r and alpha).
+    An NF4 base (QLoRA: nf4.LinearNF4, wrapped or not) goes in as its dequantized weight, the very W its forward
+    multiplies by: the stacked models train over the 4-bit base's values (savings.py measures its memory)."""
     named = [dict(m.named_parameters()) for m in models]
     params = {}
     for name, p in named[0].items():
@@ -37,6 +40,9 @@ def stack_models(models: list[SentimentClassifier]) -> dict[str, torch.Tensor]:
             params[name] = torch.stack([n[name].detach() for n in named]).requires_grad_(True)  # (S, ...)
         else:
             params[name] = p.detach()
+    for name, module in models[0].named_modules():
+        if isinstance(module, nf4.NF4Weight):
+            params[f"{name}"] = module.dequantize().detach()  # "...query.weight": (out, in) in the compute dtype
     scalings = {layer.scaling for _, layer in lora.lora_layers(models[0])}
     if len(scalings) > 1:
         raise ValueError(f"one LoRA scaling per method expected, found {sorted(scalings)}")
