@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no second copy shown in notebooks
 
 from .methods import TARGET_SET_LABELS
-from .report import accuracy_column, method_label
+from .report import accuracy_column, method_label, points
 
 COLORS = ("tab:blue", "tab:orange", "tab:purple")  # one per LoRA series; the linear probe is red
 
@@ -44,9 +44,8 @@ def difference_panel(ax, rows: pd.DataFrame, labels: list[str], colors: list[str
         ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3)
     ax.axvline(0, color="tab:green", lw=1.5)
     ax.set_yticks(list(y), labels, fontsize=8)
-    ax.set_xlabel(f"test accuracy − full finetuning's, same seed (points)\nshaded: ±{100 * margin:g} points, where "
-                  f"\"within\" asks an interval to lie")
-    ax.set_title(f"paired difference to full finetuning, simultaneous 95% intervals\n(Bonferroni over {len(rows)}; "
+    ax.set_xlabel(f"test accuracy − full finetuning's, same seed (points)\nshaded: within {points(margin)}")
+    ax.set_title(f"paired difference to full finetuning,\nsimultaneous 95% intervals (Bonferroni over {len(rows)};\n"
                  "noise of the seeds and of the test set)", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
@@ -97,7 +96,8 @@ def plot(results: pd.DataFrame, title: str, ylabel: str, margin: float, extra: C
             " (left to right)" if len(rows) > 1 else "")
         ax.errorbar(x, rows[f"{acc}_mean"], yerr=rows[f"{acc}_std"], fmt="o-" if len(rows) > 1 else "D",
                     color=colors[dora, nf4, targets], capsize=3,
-                    label=f"{'DoRA' if dora else 'QLoRA' if nf4 else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}")
+                    label=f"{'DoRA' if dora else 'QLoRA' if nf4 else 'LoRA'} on {TARGET_SET_LABELS[targets]}{ranks}"
+                    + (", hidden layers stored in NF4" if nf4 else ""))
         bad = diverged_rows(rows).to_numpy()
         if bad.any():
             ax.plot([xi for xi, b in zip(x, bad) if b], rows.loc[bad, f"{acc}_mean"], "X", color="black", ms=11,
