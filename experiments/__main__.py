@@ -106,7 +106,7 @@ def run_phase(p: argparse.ArgumentParser, args: argparse.Namespace, exp: protoco
     if args.phase == "report":
         try:
             results = driver.report_again(exp, out)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
         print(results.to_string(index=False))
         return

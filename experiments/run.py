@@ -3,6 +3,8 @@ tune -> save the choice -> sweep -> summarize -> plot -> save every file. Runnin
 experiment's `train`) stays apart from reporting (`summarize`, `plot`), so that a report edit never throws a
 cached run away."""
 
+import dataclasses
+import json
 import time
 
 import pandas as pd
@@ -49,6 +51,11 @@ def report_again(exp: protocol.Experiment, out: storage.Outputs) -> pd.DataFrame
     they are. Returns the summary."""
     if not out.per_seed.is_file():
         raise FileNotFoundError(f"{out.per_seed} does not exist: run the sweep first")
+    saved = {k: v for k, v in storage.load_config(out)["config"].items() if k not in protocol.REPORT_FIELDS}
+    now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(exp.cfg))).items() if k not in protocol.REPORT_FIELDS}
+    if saved != now:  # the summary states the config's budget: another config's runs would be mislabelled
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        raise ValueError(f"{out.per_seed} was made with another config (field: (saved, now)): {diff}")
     per_seed = storage.load_per_seed(out)
     results = exp.summarize(per_seed)
     storage.save_summary(out, results, exp.plot(results), report.runner_up_rows(per_seed, exp.summarize))

@@ -471,3 +471,18 @@ def test_qlora_trains_over_the_nf4_round_trip_of_the_hidden_layers_and_keeps_the
         kept = nf4.quantize_model(m, targets=["0", "3"])
         assert kept == ["0", "3"] and isinstance(m[6], torch.nn.Linear)
         torch.testing.assert_close(got[i], m.eval()(x[i]), rtol=0, atol=1e-6)
+
+
+def test_reporting_again_rereads_the_saved_runs_and_refuses_another_configs(quick_run):
+    """python -m experiments report: the summary recomputed from the saved per-seed records is the saved one; runs
+    made with another config are refused (the summary states the config's budget)."""
+    from experiments import run as driver
+    out = quick_run[0]
+    saved = out.summary.read_bytes()
+    driver.report_again(MnistExperiment(QUICK, CPU), out)
+    assert out.summary.read_bytes() == saved
+    with pytest.raises(ValueError, match="another config .*finetune_epochs"):
+        driver.report_again(MnistExperiment(dataclasses.replace(QUICK, finetune_epochs=9), CPU), out)
+    driver.report_again(MnistExperiment(dataclasses.replace(QUICK, margin=0.02), CPU), out)  # reporting only: allowed
+    driver.report_again(MnistExperiment(QUICK, CPU), out)  # the fixture's files as they were, for other tests
+    assert out.summary.read_bytes() == saved
