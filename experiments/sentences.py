@@ -85,8 +85,8 @@ def caveats(rows: pd.DataFrame, against: str) -> str:
         parts.append(f"{len(borderline)} of these {len(rows)} verdicts {verb(len(borderline))} borderline (an "
                      "adjusted p within a factor of 3 of 0.05)")
     if len(sensitive):
-        parts.append(f"{len(sensitive)} {verb(len(sensitive))} rate-sensitive (*: the runner-up learning rate gives "
-                     "another verdict)")
+        parts.append(f"{len(sensitive)} {verb(len(sensitive))} rate-sensitive (*: the runner-up learning rate of the "
+                     "method or of what it is compared with gives another verdict)")
     n = len(set(borderline.index) | set(sensitive.index))
     return (" " + "; ".join(parts) + f": a re-run on new seeds could move {'it' if n == 1 else 'them'}.") if parts else ""
 
@@ -124,7 +124,8 @@ def headline(results: pd.DataFrame) -> str:
     m = family_size(results, "vs_full")
     table = markdown(pd.DataFrame(rows, columns=[
         "method", "trainable parameters (% of full's)", "test accuracy on digits 5-9 (mean ± std)",
-        f"difference to full finetuning, points (simultaneous 95% interval over {m}): verdict"]))
+        f"difference to full finetuning, points (95% interval, simultaneous over all {m} comparisons with it): "
+        "verdict"]))
     first = lora.iloc[0]
     out = [f"LoRA at rank {int(first['rank'])} trains {int(first['trainable_params']):,} parameters, "
            f"{first['pct_params_vs_full']:.1f}% of full finetuning's {int(full['trainable_params']):,}, and reaches "
