@@ -147,12 +147,17 @@ def points(share: float) -> str:
     return f"±{100 * share:g} point{'' if 100 * share == 1 else 's'}"
 
 
-def cell_word(v, sensitive=False) -> str:
+def sensitive(flag) -> bool:
+    """A rate_sensitive_* cell as a bool: True, 1 or 1.0 (as a CSV reads it back), never NaN or a missing value."""
+    return flag is True or flag == 1
+
+
+def cell_word(v, rate_sensitive=False) -> str:
     """A verdict as a table cell: "below, within ±0.5", "not distinguishable (borderline)", with "; rate-sensitive"
     where the runner-up rate gives another verdict; "" for none (NaN read back from a CSV)."""
     if not isinstance(v, str) or not v:
         return ""
-    return v + ("; rate-sensitive" if sensitive is True or sensitive == 1 else "")
+    return v + ("; rate-sensitive" if sensitive(rate_sensitive) else "")
 
 
 def family_size(results: pd.DataFrame, against: str) -> int:

@@ -5,7 +5,8 @@ one that a re-run could move."""
 
 import pandas as pd
 
-from .report import accuracy_column, cell_word, diverged_note, family_size, interval, markdown, method_label
+from .report import (accuracy_column, cell_word, diverged_note, family_size, interval, markdown, method_label,
+                     sensitive)
 
 
 def verdict_phrase(v: str, baseline: str) -> str:
@@ -42,18 +43,9 @@ def verdict_lines(results: pd.DataFrame, show_targets: bool = True) -> str:
         word = verdict_phrase(r["verdict_vs_full"], "full finetuning") or "failed on some seeds: no verdict"
         lines.append(f"{method_label(r, show_targets)}: {r[f'{acc}_mean']:.4f} ± {r[f'{acc}_std']:.4f} "
                      f"({int(r['trainable_params']):,} parameters, {r['pct_params_vs_full']:.2f}% of full's): {word}"
-                     + ("; rate-sensitive" if r["rate_sensitive_vs_full"] is True or r["rate_sensitive_vs_full"] == 1
-                        else "")
+                     + ("; rate-sensitive" if sensitive(r["rate_sensitive_vs_full"]) else "")
                      + f" ({interval(r['diff_vs_full'], r['diff_vs_full_low'], r['diff_vs_full_high'])} points)")
     return "\n".join(lines)
-
-
-def _ranks(ranks) -> str:
-    """"rank 4", "ranks 1, 2 and 4", or "no rank"."""
-    ranks = [str(int(r)) for r in ranks]
-    if len(ranks) < 2:
-        return f"rank {ranks[0]}" if ranks else "no rank"
-    return "ranks " + ", ".join(ranks[:-1]) + " and " + ranks[-1]
 
 
 def _against(rows: pd.DataFrame, against: str, baseline: str) -> str:
@@ -61,15 +53,15 @@ def _against(rows: pd.DataFrame, against: str, baseline: str) -> str:
     rank's verdict (the column verdict_<against>), grouped, a rate-sensitive one marked."""
     groups = {}
     for _, r in rows.iterrows():
-        sensitive = r[f"rate_sensitive_{against}"] is True or r[f"rate_sensitive_{against}"] == 1
-        groups.setdefault(r[f"verdict_{against}"], []).append(f"{int(r['rank'])}" + ("*" if sensitive else ""))
-    parts = [f"{verdict_phrase(v, baseline if i == 0 else 'it')} at {_ranks_text(ranks)}"
+        mark = "*" if sensitive(r[f"rate_sensitive_{against}"]) else ""
+        groups.setdefault(r[f"verdict_{against}"], []).append(f"{int(r['rank'])}{mark}")
+    parts = [f"{verdict_phrase(v, baseline if i == 0 else 'it')} at {_ranks(ranks)}"
              for i, (v, ranks) in enumerate(groups.items())]
     return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
 
 
-def _ranks_text(ranks: list[str]) -> str:
-    """_ranks for labels that may carry a "*" (rate-sensitive)."""
+def _ranks(ranks: list[str]) -> str:
+    """"rank 4", "ranks 1, 2* and 4" (a "*": rate-sensitive), or "no rank"."""
     if len(ranks) < 2:
         return f"rank {ranks[0]}" if ranks else "no rank"
     return "ranks " + ", ".join(ranks[:-1]) + " and " + ranks[-1]
