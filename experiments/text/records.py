@@ -39,6 +39,11 @@ def runs_path(root: Path, task: str) -> Path:
     return Path(root) / "results" / f"text_{task}_runs.csv"
 
 
+def savings_path(root: Path) -> Path:
+    """results/text_savings.csv: what each method keeps in memory and on disk (savings.py measures it)."""
+    return Path(root) / "results" / "text_savings.csv"
+
+
 def summary_path(root: Path, task: str, budget: str) -> Path:
     """results/text_<task>.csv (equal budget, as before) and results/text_<task>_own.csv."""
     return Outputs(f"text_{task}", root).summary if budget == "equal" else Path(root) / "results" / f"text_{task}_own.csv"

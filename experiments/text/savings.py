@@ -19,13 +19,14 @@ import nf4
 from ..methods import Method
 from ..storage import atomic_write
 from ..trainer import set_seed
+from . import records
 from .experiment import TextExperiment, autocast, build_model
 
 COLUMNS = ["method", "trainable_params", "optimizer_state_bytes", "checkpoint_bytes", "base_bytes", "peak_gpu_mib"]
 
 
 def path(root: Path) -> Path:
-    return Path(root) / "results" / "text_savings.csv"
+    return records.savings_path(root)
 
 
 def methods(exp: TextExperiment) -> list[Method]:

@@ -12,7 +12,7 @@ import pandas as pd
 from .. import report, sentences
 from ..protocol import stuck_at_grid_end
 from ..storage import ROOT, Outputs, atomic_write
-from . import records, savings
+from . import records
 from .config import TASKS
 
 TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "imdb": "IMDB"}
@@ -150,7 +150,7 @@ def qlora_lines(combined: pd.DataFrame, budget: str) -> str:
 
 def savings_block(root: Path = ROOT) -> str:
     """results/text_savings.csv as a table, and one generated sentence."""
-    p = savings.path(root)
+    p = records.savings_path(root)  # not savings.py's: that imports the experiment, which imports this file
     if not p.is_file():
         return ""
     df = pd.read_csv(p)
